@@ -1,0 +1,460 @@
+"""Which processes are VMs, what they are, and what role each of their threads plays.
+
+The classification (:func:`classify`) is pure given a :class:`~vcpud.procfs.ProcessSnapshot`;
+:func:`scan` is the edge that walks /proc and verifies executables.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import logging
+import os
+import platform
+import pwd
+import re
+import stat
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Sequence
+
+from .cpuset import CpuSet
+from .procfs import PF_KTHREAD, PF_USER_WORKER, ProcessSnapshot, Procfs, ThreadSnapshot, Vanished
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXECUTABLES = ("/usr/bin/qemu-system-*", "/usr/libexec/qemu-kvm", "/usr/bin/kvm")
+
+# Syscall number of ioctl(2) per architecture, for reading /proc/TID/syscall.
+IOCTL_NR = {"x86_64": 16, "aarch64": 29, "riscv64": 29, "s390x": 54, "ppc64le": 54, "ppc64": 54}
+# KVM_RUN = _IO(KVMIO=0xAE, 0x80); powerpc's _IOC_NONE is 1, which sets bit 29.
+KVM_RUN = {"ppc64le": 0x2000AE80, "ppc64": 0x2000AE80}
+KVM_RUN_DEFAULT = 0xAE80
+
+_VCPU_NAME = re.compile(r"CPU (\d+)/(KVM|TCG|HVF|WHPX|NVMM|HAX)\Z")
+_DELETED = " (deleted)"
+
+
+class Role(str, enum.Enum):
+    VCPU = "vcpu"
+    IOTHREAD = "iothread"
+    VHOST = "vhost"
+    EMULATOR = "emulator"
+    KERNEL = "kernel"    # kernel workers living in the process: reported, never pinned
+    UNKNOWN = "unknown"  # could not be told apart from a vCPU: reported, never pinned
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class Smp:
+    """Guest CPU topology as QEMU computes it from ``-smp``."""
+
+    cpus: int = 1
+    maxcpus: int = 1
+    sockets: int = 1
+    dies: int = 1
+    clusters: int = 1
+    cores: int = 1
+    threads: int = 1
+
+    def position(self, index: int) -> dict[str, int]:
+        """Where guest vCPU ``index`` sits (QEMU numbers threads fastest, then cores, ...)."""
+        thread = index % self.threads
+        rest = index // self.threads
+        core = rest % self.cores
+        rest //= self.cores
+        cluster = rest % self.clusters
+        rest //= self.clusters
+        die = rest % self.dies
+        socket = rest // self.dies
+        return {"socket": socket, "die": die, "cluster": cluster, "core": core, "thread": thread}
+
+
+@dataclass(frozen=True, slots=True)
+class Thread:
+    tid: int
+    comm: str
+    role: Role
+    vcpu: int | None = None        # vCPU index, for Role.VCPU
+    iothread: str | None = None    # IO thread id, for Role.IOTHREAD
+    how: str = "name"              # how the role was found: name, kvm_run, flags, default
+    processor: int = -1            # CPU it last ran on (ps's psr)
+    affinity: CpuSet = CpuSet()
+    utime: int = 0
+    stime: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.role is Role.VCPU:
+            return f"vcpu {self.vcpu}"
+        if self.role is Role.IOTHREAD:
+            return f"iothread {self.iothread}"
+        return self.role.value
+
+
+@dataclass(frozen=True, slots=True)
+class VM:
+    pid: int
+    starttime: int
+    exe: str
+    cmdline: tuple[str, ...]
+    uid: int
+    user: str | None
+    name: str | None
+    uuid: str | None
+    smp: Smp
+    threads: tuple[Thread, ...]
+    debug_threads: bool
+    vanished_threads: int = 0
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Identity across scans: a reused PID has another start time."""
+        return (self.pid, self.starttime)
+
+    @property
+    def display_name(self) -> str:
+        return self.name if self.name is not None else f"pid{self.pid}"
+
+    def vcpu_threads(self) -> tuple[Thread, ...]:
+        return tuple(sorted((t for t in self.threads if t.role is Role.VCPU), key=lambda t: t.vcpu or 0))
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    pid: int
+    exe: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    vms: tuple[VM, ...]
+    rejected: tuple[Rejected, ...] = ()
+    vanished: int = 0  # processes and threads that went away while being read
+    errors: tuple[str, ...] = field(default=())
+
+
+# --- qemu command line --------------------------------------------------------------
+def split_qemu_opts(text: str) -> list[str]:
+    """Split a QemuOpts string on commas; ``,,`` is a literal comma."""
+    out: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == ",":
+            if i + 1 < len(text) and text[i + 1] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    out.append("".join(cur))
+    return out
+
+
+def option_values(cmdline: Sequence[str], opt: str) -> list[str]:
+    """Values of ``-opt VALUE`` / ``--opt VALUE`` / ``-opt=VALUE`` in argv order."""
+    vals: list[str] = []
+    names = {f"-{opt}", f"--{opt}"}
+    it = iter(range(1, len(cmdline)))
+    for i in it:
+        a = cmdline[i]
+        if a in names and i + 1 < len(cmdline):
+            vals.append(cmdline[i + 1])
+            next(it, None)
+        else:
+            head, eq, val = a.partition("=")
+            if eq and head in names:
+                vals.append(val)
+    return vals
+
+
+def parse_opts(text: str, implied: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for i, part in enumerate(split_qemu_opts(text)):
+        k, eq, v = part.partition("=")
+        if eq:
+            out[k] = v
+        elif i == 0 and part:
+            out[implied] = part
+        elif part:
+            out[part] = "on"
+    return out
+
+
+_MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)\Z")
+
+
+def _prefers_sockets(cmdline: Sequence[str]) -> bool:
+    # QEMU < 6.2 machine types fill omitted -smp values with sockets; newer ones with cores.
+    for m in option_values(cmdline, "machine") + option_values(cmdline, "M"):
+        mtype = parse_opts(m, "type").get("type", "")
+        v = _MACHINE_VERSION.search(mtype)
+        if v and (int(v.group(1)), int(v.group(2))) < (6, 2):
+            return True
+    return False
+
+
+def parse_smp(cmdline: Sequence[str]) -> Smp:
+    vals = option_values(cmdline, "smp")
+    if not vals:
+        return Smp()
+    o = parse_opts(vals[-1], "cpus")
+
+    def num(k: str) -> int:
+        try:
+            return max(int(o.get(k, "0")), 0)
+        except ValueError:
+            return 0
+
+    cpus, maxcpus = num("cpus"), num("maxcpus")
+    sockets, dies, clusters = num("sockets"), num("dies") or 1, num("clusters") or 1
+    cores, threads = num("cores"), num("threads")
+    # hw/core/machine-smp.c: machine_parse_smp_config()
+    if cpus == 0 and maxcpus == 0:
+        sockets, cores, threads = sockets or 1, cores or 1, threads or 1
+    else:
+        maxcpus = maxcpus or cpus
+        if _prefers_sockets(cmdline):
+            if sockets == 0:
+                cores, threads = cores or 1, threads or 1
+                sockets = maxcpus // (dies * clusters * cores * threads) or 1
+            elif cores == 0:
+                threads = threads or 1
+                cores = maxcpus // (sockets * dies * clusters * threads) or 1
+        else:
+            if cores == 0:
+                sockets, threads = sockets or 1, threads or 1
+                cores = maxcpus // (sockets * dies * clusters * threads) or 1
+            elif sockets == 0:
+                threads = threads or 1
+                sockets = maxcpus // (dies * clusters * cores * threads) or 1
+        if threads == 0:
+            threads = maxcpus // (sockets * dies * clusters * cores) or 1
+    maxcpus = maxcpus or sockets * dies * clusters * cores * threads
+    cpus = cpus or maxcpus
+    return Smp(cpus=cpus, maxcpus=maxcpus, sockets=sockets, dies=dies, clusters=clusters, cores=cores, threads=threads)
+
+
+def parse_name(cmdline: Sequence[str]) -> tuple[str | None, bool]:
+    """Guest name and whether debug-threads is on, from ``-name``."""
+    vals = option_values(cmdline, "name")
+    if not vals:
+        return None, False
+    o = parse_opts(vals[-1], "guest")
+    return o.get("guest"), o.get("debug-threads", "off") in ("on", "yes", "true")
+
+
+def parse_uuid(cmdline: Sequence[str]) -> str | None:
+    vals = option_values(cmdline, "uuid")
+    return vals[-1].lower() if vals else None
+
+
+# --- thread roles -------------------------------------------------------------------
+def kvm_run_fd(syscall: str | None, ioctl_nr: int, kvm_run: int) -> int | None:
+    """The fd of a KVM_RUN ioctl the thread is blocked in, from /proc/TID/syscall."""
+    if not syscall:
+        return None
+    parts = syscall.split()
+    try:
+        if len(parts) >= 3 and int(parts[0]) == ioctl_nr and int(parts[2], 16) == kvm_run:
+            return int(parts[1], 16)
+    except ValueError:
+        return None
+    return None
+
+
+def base_role(t: ThreadSnapshot) -> Thread | None:
+    """Role from flags and name alone; None when the name says nothing (no debug-threads)."""
+    common = dict(tid=t.tid, comm=t.comm, processor=t.processor, affinity=t.affinity, utime=t.utime, stime=t.stime)
+    # Kernel workers attached to the process (kvm-nx-lpage-recovery, vhost since 6.4) carry
+    # PF_USER_WORKER; kvm-nx-lpage-re's /proc/TID/syscall shows the registers it was
+    # copied from (a vCPU's KVM_RUN), so it must be recognised before looking there.
+    if t.flags & (PF_USER_WORKER | PF_KTHREAD) or t.comm.startswith("kvm-nx-lpage"):
+        if t.comm.startswith("vhost-"):
+            return Thread(role=Role.VHOST, how="flags", **common)
+        return Thread(role=Role.KERNEL, how="flags", **common)
+    m = _VCPU_NAME.match(t.comm)
+    if m:
+        return Thread(role=Role.VCPU, vcpu=int(m.group(1)), **common)
+    if t.comm.startswith("IO "):
+        ident = t.comm[3:]
+        if ident == "mon_iothread":
+            return Thread(role=Role.EMULATOR, **common)
+        return Thread(role=Role.IOTHREAD, iothread=ident, **common)
+    return None
+
+
+def needs_syscall(snap: ProcessSnapshot) -> list[int]:
+    """TIDs whose role can only come from /proc/TID/syscall (qemu without debug-threads)."""
+    roles = [base_role(t) for t in snap.threads]
+    if any(r is not None and r.role is Role.VCPU for r in roles):
+        return []
+    return [t.tid for t, r in zip(snap.threads, roles) if r is None and t.tid != snap.pid]
+
+
+def classify(
+    snap: ProcessSnapshot,
+    syscalls: dict[int, str | None] | None = None,
+    vcpu_fds: dict[int, int] | None = None,
+    ioctl_nr: int = 16,
+    kvm_run: int = KVM_RUN_DEFAULT,
+    user: str | None = None,
+) -> VM:
+    """Turn a process snapshot into a VM with a role for every thread (pure)."""
+    syscalls = syscalls or {}
+    vcpu_fds = vcpu_fds or {}
+    name, debug = parse_name(snap.cmdline)
+    threads: list[Thread] = []
+    pending: list[ThreadSnapshot] = []
+    for t in snap.threads:
+        r = base_role(t)
+        if r is None:
+            pending.append(t)
+        else:
+            threads.append(r)
+    found: set[int] = set()
+    rest: list[ThreadSnapshot] = []
+    for t in pending:
+        fd = kvm_run_fd(syscalls.get(t.tid), ioctl_nr, kvm_run)
+        if t.tid != snap.pid and fd is not None and fd in vcpu_fds and vcpu_fds[fd] not in found:
+            found.add(vcpu_fds[fd])
+            threads.append(Thread(tid=t.tid, comm=t.comm, role=Role.VCPU, vcpu=vcpu_fds[fd], how="kvm_run",
+                                  processor=t.processor, affinity=t.affinity, utime=t.utime, stime=t.stime))
+        else:
+            rest.append(t)
+    named_vcpus = any(x.role is Role.VCPU and x.how == "name" for x in threads)
+    # Without thread names a vCPU that is paused or on a CPU right now looks like any other
+    # thread; while some vCPU is unaccounted for, the unnamed threads stay unknown rather
+    # than risk pinning a vCPU as an emulator thread. The main thread is never a vCPU.
+    # With no kvm-vcpu fds at all (TCG, or fds unreadable) nothing identifies them.
+    unsure = not named_vcpus and (not vcpu_fds or bool(set(vcpu_fds.values()) - found))
+    for t in rest:
+        role = Role.UNKNOWN if unsure and t.tid != snap.pid else Role.EMULATOR
+        threads.append(Thread(tid=t.tid, comm=t.comm, role=role, how="default",
+                              processor=t.processor, affinity=t.affinity, utime=t.utime, stime=t.stime))
+    threads.sort(key=lambda x: x.tid)
+    return VM(
+        pid=snap.pid,
+        starttime=snap.starttime,
+        exe=snap.exe,
+        cmdline=snap.cmdline,
+        uid=snap.uid,
+        user=user,
+        name=name,
+        uuid=parse_uuid(snap.cmdline),
+        smp=parse_smp(snap.cmdline),
+        threads=tuple(threads),
+        debug_threads=debug,
+        vanished_threads=snap.vanished_threads,
+    )
+
+
+# --- executables --------------------------------------------------------------------
+def path_matches(path: str, patterns: Iterable[str]) -> bool:
+    """Glob match where ``*`` never crosses a ``/``."""
+    parts = path.split("/")
+    for pat in patterns:
+        pp = pat.split("/")
+        if len(pp) == len(parts) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, pp)):
+            return True
+    return False
+
+
+def verify_executable(procfs: Procfs, pid: int, patterns: Sequence[str]) -> tuple[str | None, str | None]:
+    """(exe, None) when the process runs a configured qemu binary, else (exe, reason).
+
+    Raises Vanished. A name or argv[0] proves nothing: /proc/PID/exe must resolve to a
+    configured path, the binary must be root-owned and not writable by others, and it
+    must be the very file at that path on the host (not a look-alike in another mount
+    namespace). A binary replaced on disk by a package upgrade shows as "(deleted)": it
+    is accepted when still root-owned, since only root could have put it there.
+    """
+    try:
+        exe = procfs.exe(pid)
+    except Vanished:
+        # Kernel threads have no exe either: only a vanished /proc/PID is a vanished task.
+        if procfs.exists(pid):
+            return None, "no executable (kernel thread)"
+        raise
+    except PermissionError:
+        return None, "cannot read exe (no CAP_SYS_PTRACE?)"
+    except OSError as e:  # kernel threads: ENOENT is Vanished, others have no exe
+        return None, str(e)
+    deleted = exe.endswith(_DELETED)
+    path = exe[: -len(_DELETED)] if deleted else exe
+    if not path_matches(path, patterns):
+        return exe, "not a configured executable"
+    st = procfs.exe_stat(pid)
+    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return exe, "binary not root-owned or writable by others"
+    if not deleted:
+        try:
+            host = os.stat(path)
+        except OSError:
+            return exe, "no such file on the host (other mount namespace?)"
+        if (host.st_dev, host.st_ino) != (st.st_dev, st.st_ino):
+            return exe, "not the host's file at that path (other mount namespace?)"
+    return path, None
+
+
+def user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def snapshot_vm(procfs: Procfs, pid: int, exe: str, arch: str | None = None) -> VM:
+    """Read one verified VM process from /proc and classify it. Raises Vanished."""
+    arch = arch or platform.machine()
+    snap = procfs.process(pid, exe)
+    tids = needs_syscall(snap)
+    syscalls: dict[int, str | None] = {}
+    fds: dict[int, int] = {}
+    if tids:
+        try:
+            fds = procfs.vcpu_fds(pid)
+        except PermissionError:
+            log.warning("cannot read fds of pid %d: vCPUs without thread names stay unknown", pid)
+        if fds:
+            for tid in tids:
+                try:
+                    syscalls[tid] = procfs.syscall_settled(pid, tid)
+                except Vanished:
+                    pass
+    return classify(snap, syscalls, fds, IOCTL_NR.get(arch, 16), KVM_RUN.get(arch, KVM_RUN_DEFAULT),
+                    user=user_name(snap.uid))
+
+
+def scan(procfs: Procfs, executables: Sequence[str] = DEFAULT_EXECUTABLES, pids: Iterable[int] | None = None) -> Scan:
+    """Find every VM among ``pids`` (default: all of /proc). Never raises for a vanished task."""
+    vms: list[VM] = []
+    rejected: list[Rejected] = []
+    errors: list[str] = []
+    vanished = 0
+    for pid in (procfs.pids() if pids is None else pids):
+        try:
+            exe, why = verify_executable(procfs, pid, executables)
+            if exe is None and why is not None:
+                continue  # kernel thread or unreadable: not a candidate
+            if why is not None:
+                if exe and os.path.basename(exe.removesuffix(_DELETED)).startswith(("qemu", "kvm")):
+                    rejected.append(Rejected(pid, exe, why))
+                continue
+            assert exe is not None
+            vm = snapshot_vm(procfs, pid, exe)
+            vanished += vm.vanished_threads
+            vms.append(vm)
+        except Vanished:
+            vanished += 1
+        except OSError as e:
+            errors.append(f"pid {pid}: {e}")
+            log.warning("cannot read pid %d: %s", pid, e)
+    return Scan(vms=tuple(vms), rejected=tuple(rejected), vanished=vanished, errors=tuple(errors))

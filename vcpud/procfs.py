@@ -1,0 +1,251 @@
+"""Thin readers of /proc rooted at a path; a process or thread that is gone raises Vanished."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cpuset import CpuSet
+
+log = logging.getLogger(__name__)
+
+# errno values meaning "that task is gone" when reading /proc/PID/...: the directory
+# vanished (ENOENT), the task exited between open and read (ESRCH), or we raced a
+# zombie whose mm is gone (EACCES/EPERM can't be told apart from a real permission
+# problem, so they are not in this list).
+_GONE = {errno.ENOENT, errno.ESRCH}
+
+# task flags from include/linux/sched.h
+PF_KTHREAD = 0x00200000
+PF_USER_WORKER = 0x00004000  # kernel-created thread inside a user process (vhost, kvm-nx-lpage-recovery)
+
+
+class Vanished(Exception):
+    """The process or thread went away while being read."""
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadSnapshot:
+    tid: int
+    comm: str
+    state: str
+    flags: int
+    processor: int
+    utime: int
+    stime: int
+    starttime: int
+    affinity: CpuSet
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSnapshot:
+    pid: int
+    starttime: int
+    comm: str
+    exe: str
+    cmdline: tuple[str, ...]
+    uid: int
+    threads: tuple[ThreadSnapshot, ...]
+    vanished_threads: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StatFields:
+    comm: str
+    state: str
+    ppid: int
+    flags: int
+    utime: int
+    stime: int
+    starttime: int
+    processor: int
+
+
+def parse_stat(text: str) -> StatFields:
+    # comm may itself contain spaces and parentheses: it ends at the LAST ')'.
+    lpar = text.index("(")
+    rpar = text.rindex(")")
+    comm = text[lpar + 1 : rpar]
+    rest = text[rpar + 2 :].split()
+    # rest[0] is field 3 (state); field N is rest[N - 3]
+    return StatFields(
+        comm=comm,
+        state=rest[0],
+        ppid=int(rest[1]),
+        flags=int(rest[6]),
+        utime=int(rest[11]),
+        stime=int(rest[12]),
+        starttime=int(rest[19]),
+        processor=int(rest[36]),
+    )
+
+
+def parse_status(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        k, sep, v = line.partition(":")
+        if sep:
+            out[k] = v.strip()
+    return out
+
+
+class Procfs:
+    """Reads one /proc tree. Every method raises Vanished when its task is gone."""
+
+    def __init__(self, root: Path = Path("/proc")) -> None:
+        self.root = Path(root)
+
+    # --- primitive readers ------------------------------------------------------
+    def _read(self, path: Path) -> str:
+        try:
+            with open(path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError as e:
+            if e.errno in _GONE:
+                raise Vanished(str(path)) from None
+            raise
+
+    def _readlink(self, path: Path) -> str:
+        try:
+            return os.readlink(path)
+        except OSError as e:
+            if e.errno in _GONE:
+                raise Vanished(str(path)) from None
+            raise
+
+    def _listdir(self, path: Path) -> list[str]:
+        try:
+            return os.listdir(path)
+        except OSError as e:
+            if e.errno in _GONE:
+                raise Vanished(str(path)) from None
+            raise
+
+    def pids(self) -> list[int]:
+        return sorted(int(n) for n in os.listdir(self.root) if n.isdigit())
+
+    def exists(self, pid: int) -> bool:
+        return (self.root / str(pid)).exists()
+
+    def tids(self, pid: int) -> list[int]:
+        return sorted(int(n) for n in self._listdir(self.root / str(pid) / "task") if n.isdigit())
+
+    def exe(self, pid: int) -> str:
+        return self._readlink(self.root / str(pid) / "exe")
+
+    def exe_stat(self, pid: int) -> os.stat_result:
+        """stat of the running binary itself (works even when it was deleted on disk)."""
+        try:
+            return os.stat(self.root / str(pid) / "exe")
+        except OSError as e:
+            if e.errno in _GONE:
+                raise Vanished(str(pid)) from None
+            raise
+
+    def cmdline(self, pid: int) -> tuple[str, ...]:
+        raw = self._read(self.root / str(pid) / "cmdline")
+        return tuple(raw.split("\0")[:-1]) if raw.endswith("\0") else tuple(raw.split("\0"))
+
+    def stat(self, pid: int, tid: int | None = None) -> StatFields:
+        p = self.root / str(pid) if tid is None else self.root / str(pid) / "task" / str(tid)
+        text = self._read(p / "stat")
+        if not text:
+            raise Vanished(str(p))
+        return parse_stat(text)
+
+    def status(self, pid: int, tid: int | None = None) -> dict[str, str]:
+        p = self.root / str(pid) if tid is None else self.root / str(pid) / "task" / str(tid)
+        return parse_status(self._read(p / "status"))
+
+    def syscall(self, pid: int, tid: int) -> str:
+        return self._read(self.root / str(pid) / "task" / str(tid) / "syscall").strip()
+
+    def tgid(self, tid: int) -> int:
+        """The process a TID belongs to (uevents and netlink may name a thread)."""
+        return int(self.status(tid)["Tgid"])
+
+    def fd_targets(self, pid: int) -> dict[int, str]:
+        d = self.root / str(pid) / "fd"
+        out: dict[int, str] = {}
+        for name in self._listdir(d):
+            try:
+                out[int(name)] = os.readlink(d / name)
+            except OSError:
+                continue  # fd closed between listdir and readlink
+        return out
+
+    # --- snapshots --------------------------------------------------------------
+    def thread(self, pid: int, tid: int) -> ThreadSnapshot:
+        """Snapshot one thread (its syscall is read separately, only where needed)."""
+        st = self.stat(pid, tid)
+        status = self.status(pid, tid)
+        cal = status.get("Cpus_allowed_list")
+        affinity = CpuSet.parse(cal) if cal else CpuSet()
+        return ThreadSnapshot(
+            tid=tid,
+            comm=st.comm,
+            state=st.state,
+            flags=st.flags,
+            processor=st.processor,
+            utime=st.utime,
+            stime=st.stime,
+            starttime=st.starttime,
+            affinity=affinity,
+        )
+
+    def syscall_settled(self, pid: int, tid: int, tries: int = 25, pause: float = 0.004) -> str | None:
+        """Read /proc/TID/syscall, retrying while the thread is on a CPU.
+
+        The kernel answers "running" for a task that is on-CPU at that instant; a busy
+        vCPU spends its time in guest mode, so a few short retries usually catch it
+        back inside the KVM_RUN ioctl. Returns None if it never settles.
+        """
+        try:
+            for _ in range(tries):
+                text = self.syscall(pid, tid)
+                if text != "running":
+                    return text
+                time.sleep(pause)
+        except PermissionError:
+            log.debug("no permission to read syscall of %d/%d", pid, tid)
+            return None
+        return None
+
+    def vcpu_fds(self, pid: int) -> dict[int, int]:
+        """fd -> vCPU index for every ``anon_inode:kvm-vcpu:N`` the process holds."""
+        prefix = "anon_inode:kvm-vcpu:"
+        out: dict[int, int] = {}
+        for fd, target in self.fd_targets(pid).items():
+            if target.startswith(prefix) and target[len(prefix):].isdigit():
+                out[fd] = int(target[len(prefix):])
+        return out
+
+    def process(self, pid: int, exe: str) -> ProcessSnapshot:
+        """Snapshot a process and all its threads; threads that vanish meanwhile are counted."""
+        st = self.stat(pid)
+        status = self.status(pid)
+        uid = int(status["Uid"].split()[0])
+        cmdline = self.cmdline(pid)
+        threads: list[ThreadSnapshot] = []
+        vanished = 0
+        for tid in self.tids(pid):
+            try:
+                threads.append(self.thread(pid, tid))
+            except Vanished:
+                vanished += 1
+        if not threads:
+            raise Vanished(str(pid))
+        return ProcessSnapshot(
+            pid=pid,
+            starttime=st.starttime,
+            comm=st.comm,
+            exe=exe,
+            cmdline=cmdline,
+            uid=uid,
+            threads=tuple(threads),
+            vanished_threads=vanished,
+        )
