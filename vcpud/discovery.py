@@ -158,20 +158,36 @@ def split_qemu_opts(text: str) -> list[str]:
     return out
 
 
+# qemu options that take no argument (qemu-options.hx entries without HAS_ARG); every
+# other option consumes the next argv element, whatever it looks like.
+_NO_ARG = frozenset("""
+S s enable-kvm no-kvm nodefaults no-user-config nodefconfig daemonize snapshot nographic
+no-reboot no-shutdown full-screen no-hpet no-acpi win2k-hack no-fd-bootchk only-migratable
+preconfig enable-sync-profile version help h no-quit alt-grab ctrl-grab curses sdl no-frame
+semihosting enable-fips perfmap jitdump singlestep one-insn-per-tb usb rtc-td-hack
+no-kvm-pit-reinjection no-kvm-irqchip old-param xen-attach portrait
+""".split())
+
+
 def option_values(cmdline: Sequence[str], opt: str) -> list[str]:
     """Values of ``-opt VALUE`` / ``--opt VALUE`` / ``-opt=VALUE`` in argv order."""
     vals: list[str] = []
-    names = {f"-{opt}", f"--{opt}"}
-    it = iter(range(1, len(cmdline)))
-    for i in it:
+    i = 1
+    while i < len(cmdline):
         a = cmdline[i]
-        if a in names and i + 1 < len(cmdline):
-            vals.append(cmdline[i + 1])
-            next(it, None)
+        i += 1
+        if not a.startswith("-") or a in ("-", "--"):
+            continue  # a stray positional (qemu's legacy disk image argument)
+        name, eq, inline = a.lstrip("-").partition("=")
+        if eq:
+            value: str | None = inline
+        elif name in _NO_ARG:
+            continue
         else:
-            head, eq, val = a.partition("=")
-            if eq and head in names:
-                vals.append(val)
+            value = cmdline[i] if i < len(cmdline) else None
+            i += 1
+        if name == opt and value is not None:
+            vals.append(value)
     return vals
 
 

@@ -1,0 +1,233 @@
+"""Command line: vcpud topology | check | apply | ps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .cpuset import CpuSet
+from .discovery import VM, Scan, scan
+from .engine import Report, reconcile
+from .pinning import OsAffinity, Outcome
+from .placement import VMPlan, plan
+from .procfs import Procfs
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _online(sysroot: Path) -> CpuSet:
+    from .topology import read_topology
+
+    return read_topology(sysroot).online
+
+
+def _load(path: Path | None, online: CpuSet, required: bool) -> Any:
+    """The config, or None (printed errors) when it does not load."""
+    from .policy import DEFAULT_CONFIG_PATH, ConfigError, Config, load_config, DEFAULT_EXECUTABLES
+
+    target = path or DEFAULT_CONFIG_PATH
+    if path is None and not required and not target.exists():
+        print(f"vcpud: no {target}: showing VMs without policies", file=sys.stderr)
+        return Config(executables=tuple(DEFAULT_EXECUTABLES), policies=(), rescan_interval=10.0, files=())
+    try:
+        return load_config(target, online=online)
+    except ConfigError as e:
+        for issue in e.issues:
+            print(str(issue), file=sys.stderr)
+        return None
+
+
+# --- topology -----------------------------------------------------------------------
+def cmd_topology(args: argparse.Namespace) -> int:
+    from .topology import format_parse, format_summary, read_topology
+
+    try:
+        topo = read_topology(Path(args.sysroot))
+    except (OSError, ValueError) as e:
+        print(f"vcpud: cannot read topology under {args.sysroot}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(topo.to_json(), indent=2))
+    elif args.parse or args.physical:
+        sys.stdout.write(format_parse(topo, physical=args.physical))
+    else:
+        sys.stdout.write(format_summary(topo))
+    return EXIT_OK
+
+
+# --- check --------------------------------------------------------------------------
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args.config, _online(Path(args.sysroot)), required=True)
+    if cfg is None:
+        return EXIT_CONFIG
+    print(f"{', '.join(cfg.files)}: OK, {len(cfg.policies)} policies")
+    return EXIT_OK
+
+
+# --- apply --------------------------------------------------------------------------
+def _vm_line(v: VMPlan, results: Sequence[Any], dry_run: bool) -> list[str]:
+    counts: dict[Outcome, int] = {}
+    for r in results:
+        counts[r.outcome] = counts.get(r.outcome, 0) + 1
+    failed = [r for r in results if not r.outcome.ok]
+    head = f"{v.vm.display_name} (pid {v.vm.pid}) policy {v.policy}: "
+    if dry_run:
+        head += f"{counts.get(Outcome.PLANNED, 0)} to pin, {counts.get(Outcome.UNCHANGED, 0)} already right"
+    else:
+        head += f"{counts.get(Outcome.PINNED, 0)} pinned, {counts.get(Outcome.UNCHANGED, 0)} unchanged"
+    head += f", {len(failed) + len(v.problems)} failed"
+    lines = [head]
+    for r in results:
+        a = r.assignment
+        if r.outcome is Outcome.PLANNED:
+            lines.append(f"  would pin tid {a.tid} {a.label}: {r.before} -> {a.cpus} ({a.rule})")
+        elif not r.outcome.ok:
+            lines.append(f"  FAILED tid {a.tid} {a.label} -> {a.cpus} ({a.rule}): {r.outcome}: {r.detail}")
+    lines += [f"  FAILED {p}" for p in v.problems]
+    return lines
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    online = _online(Path(args.sysroot))
+    cfg = _load(args.config, online, required=True)
+    if cfg is None:
+        return EXIT_CONFIG
+    report = reconcile(cfg, online, Procfs(Path(args.proc)), OsAffinity(Path(args.proc)), dry_run=args.dry_run)
+    for v in report.vms:
+        if v.plan.policy is None:
+            print(f"{v.plan.vm.display_name} (pid {v.plan.vm.pid}): no policy matches, left alone")
+            continue
+        print("\n".join(_vm_line(v.plan, v.results, args.dry_run)))
+    if not report.vms:
+        print("no VMs found")
+    if report.scan.vanished:
+        print(f"({report.scan.vanished} processes or threads vanished during the scan)")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+# --- ps -----------------------------------------------------------------------------
+def ps_json(found: Scan, plans: Sequence[VMPlan]) -> dict[str, Any]:
+    vms = []
+    for vp in plans:
+        vm = vp.vm
+        threads = []
+        for t in vm.threads:
+            a = vp.wanted(t.tid)
+            threads.append({
+                "tid": t.tid, "comm": t.comm, "role": t.role.value, "vcpu": t.vcpu, "iothread": t.iothread,
+                "label": t.label, "found_by": t.how, "psr": t.processor,
+                "affinity": t.affinity.format(), "affinity_cpus": list(t.affinity),
+                "want": a.cpus.format() if a else None, "want_cpus": list(a.cpus) if a else None,
+                "rule": a.rule if a else None,
+                "ok": (a is None) or (a.cpus == t.affinity),
+            })
+        vms.append({
+            "pid": vm.pid, "starttime": vm.starttime, "name": vm.name, "uuid": vm.uuid,
+            "user": vm.user, "uid": vm.uid, "exe": vm.exe,
+            "policy": vp.policy or "unmanaged", "debug_threads": vm.debug_threads,
+            "smp": {"cpus": vm.smp.cpus, "maxcpus": vm.smp.maxcpus, "sockets": vm.smp.sockets,
+                    "dies": vm.smp.dies, "clusters": vm.smp.clusters, "cores": vm.smp.cores,
+                    "threads": vm.smp.threads},
+            "problems": list(vp.problems),
+            "threads": threads,
+        })
+    return {"vms": vms, "vanished": found.vanished}
+
+
+def _cut(s: str, n: int) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def ps_table(plans: Sequence[VMPlan]) -> str:
+    out = []
+    for vp in plans:
+        vm = vp.vm
+        s = vm.smp
+        topo = f"{s.cpus} vCPUs ({s.sockets}s×{s.cores}c×{s.threads}t)"
+        out.append(_cut(f"{vm.display_name}  pid {vm.pid}  user {vm.user or vm.uid}  "
+                        f"policy {vp.policy or 'unmanaged'}  {topo}", 80))
+        out.append(f"  {'TID':>7}  {'ROLE':<12} {'PSR':>3}  {'AFFINITY':<16} {'WANT':<16} {'COMM':<15}")
+        for t in vm.threads:
+            a = vp.wanted(t.tid)
+            want = a.cpus.format() if a else "-"
+            mark = " " if a is None or a.cpus == t.affinity else "!"
+            out.append(f" {mark}{t.tid:>7}  {_cut(t.label, 12):<12} {t.processor:>3}  "
+                       f"{_cut(t.affinity.format(), 16):<16} {_cut(want, 16):<16} {_cut(t.comm, 15)}".rstrip())
+        for p in vp.problems:
+            out.append(_cut(f"  ! {p}", 80))
+        out.append("")
+    if not plans:
+        out.append("no VMs found")
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    online = _online(Path(args.sysroot))
+    cfg = _load(args.config, online, required=False)
+    if cfg is None:
+        return EXIT_CONFIG
+    found = scan(Procfs(Path(args.proc)), cfg.executables)
+    p = plan(cfg, found.vms, online)
+    if args.json:
+        print(json.dumps(ps_json(found, p.vms), indent=2))
+    else:
+        sys.stdout.write(ps_table(p.vms))
+    return EXIT_OK
+
+
+# --- main ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vcpud", description="CPU placement for QEMU/KVM guests.")
+    ap.add_argument("--version", action="version", version=f"vcpud {__version__}")
+    ap.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser, config: bool = True) -> None:
+        if config:
+            p.add_argument("--config", "-c", type=Path, help="config file (default /etc/vcpud/vcpud.yaml)")
+        p.add_argument("--sysroot", default="/", help="root of the sysfs tree to read the topology from")
+        p.add_argument("--proc", default="/proc", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("topology", help="show the host's CPU topology")
+    common(p, config=False)
+    p.add_argument("--parse", action="store_true", help="print what `lscpu --parse` prints")
+    p.add_argument("--physical", action="store_true", help="with --parse: kernel IDs, like `lscpu --parse --physical`")
+    p.add_argument("--json", action="store_true", help="the whole model as JSON")
+    p.set_defaults(func=cmd_topology)
+
+    p = sub.add_parser("check", help="validate the configuration against this host")
+    common(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("apply", help="pin every VM's threads once, as the policies say")
+    common(p)
+    p.add_argument("--dry-run", "-n", action="store_true", help="show what would change, change nothing")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("ps", help="list VMs, their threads, roles and affinities")
+    common(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ps)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="vcpud: %(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Applies a plan with sched_setaffinity through a small AffinityOps protocol, and says why it failed."""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Protocol
+
+from .cpuset import CpuSet
+from .placement import Assignment
+
+log = logging.getLogger(__name__)
+
+
+class AffinityOps(Protocol):
+    def get(self, tid: int) -> CpuSet: ...
+
+    def set(self, pid: int, tid: int, cpus: CpuSet) -> None: ...
+
+
+class Outcome(str, enum.Enum):
+    UNCHANGED = "unchanged"      # already allowed on exactly those CPUs
+    PINNED = "pinned"            # changed and read back equal
+    PLANNED = "planned"          # dry run: would change
+    VANISHED = "vanished"        # ESRCH / gone from /proc: the thread exited
+    OUTSIDE_CPUSET = "outside-cpuset"  # EINVAL: its cpuset cgroup excludes those CPUs
+    NO_PERMISSION = "no-permission"    # EPERM: no CAP_SYS_NICE over that thread
+    MISMATCH = "mismatch"        # the kernel accepted but reads back something else
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def ok(self) -> bool:
+        return self in (Outcome.UNCHANGED, Outcome.PINNED, Outcome.PLANNED)
+
+
+@dataclass(frozen=True, slots=True)
+class PinResult:
+    assignment: Assignment
+    outcome: Outcome
+    before: CpuSet | None = None
+    after: CpuSet | None = None
+    detail: str = ""
+
+
+class OsAffinity:
+    """The real thing: sched_{get,set}affinity on TIDs, checked against /proc."""
+
+    def __init__(self, proc: Path = Path("/proc"), cgroup: Path = Path("/sys/fs/cgroup")) -> None:
+        self.proc = proc
+        self.cgroup = cgroup
+
+    def get(self, tid: int) -> CpuSet:
+        return CpuSet.of(os.sched_getaffinity(tid))
+
+    def set(self, pid: int, tid: int, cpus: CpuSet) -> None:
+        # TIDs are recycled: make sure this one is still a thread of that process.
+        if not (self.proc / str(pid) / "task" / str(tid)).exists():
+            raise ProcessLookupError(errno.ESRCH, "thread is gone")
+        os.sched_setaffinity(tid, cpus.cpus)
+
+    def cpuset_of(self, tid: int) -> tuple[str, CpuSet | None]:
+        """The thread's cpuset cgroup and the CPUs it allows, to explain an EINVAL."""
+        try:
+            path = ""
+            for line in (self.proc / str(tid) / "cgroup").read_text().splitlines():
+                hier, _, rest = line.partition(":")
+                ctrls, _, cg = rest.partition(":")
+                if hier == "0" or "cpuset" in ctrls.split(","):
+                    path = cg
+            d = self.cgroup / path.lstrip("/")
+            for name in ("cpuset.cpus.effective", "cpuset.effective_cpus"):
+                if (d / name).exists():
+                    return path, CpuSet.parse((d / name).read_text().strip())
+            return path, None
+        except (OSError, ValueError):
+            return "", None
+
+
+def classify_errno(e: OSError) -> Outcome:
+    if e.errno == errno.ESRCH or isinstance(e, ProcessLookupError):
+        return Outcome.VANISHED
+    if e.errno == errno.EINVAL:
+        return Outcome.OUTSIDE_CPUSET
+    if e.errno == errno.EPERM:
+        return Outcome.NO_PERMISSION
+    return Outcome.ERROR
+
+
+def pin_one(a: Assignment, ops: AffinityOps, dry_run: bool = False) -> PinResult:
+    try:
+        before = ops.get(a.tid)
+    except OSError as e:
+        return PinResult(a, classify_errno(e), detail=os.strerror(e.errno or 0))
+    if before == a.cpus:
+        return PinResult(a, Outcome.UNCHANGED, before, before)
+    if dry_run:
+        return PinResult(a, Outcome.PLANNED, before, a.cpus)
+    try:
+        ops.set(a.pid, a.tid, a.cpus)
+        after = ops.get(a.tid)
+    except OSError as e:
+        outcome = classify_errno(e)
+        detail = {
+            Outcome.VANISHED: "thread exited",
+            Outcome.OUTSIDE_CPUSET: f"EINVAL: CPUs {a.cpus} are outside the thread's cpuset cgroup",
+            Outcome.NO_PERMISSION: "EPERM: no CAP_SYS_NICE over this thread",
+        }.get(outcome, f"{os.strerror(e.errno or 0)}")
+        if outcome is Outcome.OUTSIDE_CPUSET and isinstance(ops, OsAffinity):
+            path, allowed = ops.cpuset_of(a.tid)
+            if path:
+                detail += f" {path}" + (f" (allows {allowed})" if allowed is not None else "")
+        return PinResult(a, outcome, before, None, detail)
+    if after != a.cpus:
+        # A cpuset cgroup narrower than the request makes the kernel keep the intersection.
+        return PinResult(a, Outcome.MISMATCH, before, after, f"asked for {a.cpus}, kernel kept {after} (cpuset cgroup?)")
+    return PinResult(a, Outcome.PINNED, before, after)
+
+
+def apply(assignments: Iterable[Assignment], ops: AffinityOps, dry_run: bool = False) -> list[PinResult]:
+    """Pin every assignment that does not already hold; one failure never stops the rest."""
+    results = []
+    for a in assignments:
+        r = pin_one(a, ops, dry_run)
+        if r.outcome is Outcome.PINNED:
+            log.info("pinned pid %d tid %d (%s) to %s by %s", a.pid, a.tid, a.label, a.cpus, a.rule)
+        elif not r.outcome.ok:
+            log.log(logging.DEBUG if r.outcome is Outcome.VANISHED else logging.WARNING,
+                    "could not pin pid %d tid %d (%s) to %s: %s %s", a.pid, a.tid, a.label, a.cpus, r.outcome, r.detail)
+        results.append(r)
+    return results
