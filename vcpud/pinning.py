@@ -68,19 +68,25 @@ class OsAffinity:
     def cpuset_of(self, tid: int) -> tuple[str, CpuSet | None]:
         """The thread's cpuset cgroup and the CPUs it allows, to explain an EINVAL."""
         try:
-            path = ""
-            for line in (self.proc / str(tid) / "cgroup").read_text().splitlines():
-                hier, _, rest = line.partition(":")
-                ctrls, _, cg = rest.partition(":")
-                if hier == "0" or "cpuset" in ctrls.split(","):
-                    path = cg
-            d = self.cgroup / path.lstrip("/")
-            for name in ("cpuset.cpus.effective", "cpuset.effective_cpus"):
-                if (d / name).exists():
-                    return path, CpuSet.parse((d / name).read_text().strip())
-            return path, None
-        except (OSError, ValueError):
+            lines = (self.proc / str(tid) / "cgroup").read_text().splitlines()
+        except OSError:
             return "", None
+        candidates: list[tuple[str, Path]] = []
+        for line in lines:
+            hier, _, rest = line.partition(":")
+            ctrls, _, path = rest.partition(":")
+            rel = path.lstrip("/")
+            if "cpuset" in ctrls.split(","):  # cgroup v1: its own hierarchy
+                candidates.append((path, self.cgroup / "cpuset" / rel))
+            elif hier == "0":  # cgroup v2, mounted alone or as "unified" beside v1
+                candidates += [(path, self.cgroup / rel), (path, self.cgroup / "unified" / rel)]
+        for path, d in candidates:
+            for name in ("cpuset.cpus.effective", "cpuset.effective_cpus"):
+                try:
+                    return path, CpuSet.parse((d / name).read_text().strip())
+                except (OSError, ValueError):
+                    continue
+        return (candidates[0][0] if candidates else ""), None
 
 
 def classify_errno(e: OSError) -> Outcome:

@@ -1,0 +1,348 @@
+"""`vcpud apply` and `vcpud ps` against real qemu-system-x86_64 guests on this host."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_vcpud, skip_or_fail
+from tests.qemu import QEMU, Guest, kvm_usable, start_guest
+from vcpud.cpuset import CpuSet
+from vcpud.discovery import scan
+from vcpud.engine import reconcile
+from vcpud.pinning import OsAffinity, Outcome
+from vcpud.policy import load_config
+from vcpud.procfs import Procfs
+
+pytestmark = pytest.mark.qemu
+
+ONLINE = CpuSet.of(os.sched_getaffinity(0))
+
+POLICY = """\
+policies:
+  - name: core8
+    match: {name: core8}
+    vcpupin: {0: "0", 1: "1", 2: "0"}
+    vcpus: "1"
+    emulatorpin: "1"
+    iothreadpin: "0"
+  - name: web
+    match: {name: "web*"}
+    affinity: "0"
+  - name: nodbg
+    match: {name: nodbg}
+    vcpupin: {0: "1", 1: "0"}
+    emulatorpin: "0"
+  - name: catch-all          # anything else vcpud takes for a VM would be pinned to CPU 1
+    match: {}
+    affinity: "1"
+"""
+
+
+def need_host():
+    if os.geteuid() != 0:
+        skip_or_fail("needs root to pin other processes' threads")
+    if not Path(QEMU).exists():
+        skip_or_fail("qemu-system-x86_64 is not installed (apt install qemu-system-x86)")
+    if len(ONLINE) < 2 or ONLINE != CpuSet.parse("0-1") and not ONLINE.cpus >= {0, 1}:
+        skip_or_fail(f"the policy needs CPUs 0 and 1 online, have {ONLINE}")
+
+
+def wait_nodbg_vcpus(g: Guest, n: int, timeout: float = 30.0) -> None:
+    """A running guest without thread names: wait until each vCPU is seen inside KVM_RUN."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = scan(Procfs(), pids=[g.pid])
+        if found.vms and len(found.vms[0].vcpu_threads()) == n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"vCPUs of {g.name} never seen in KVM_RUN: {found}")
+
+
+@pytest.fixture(scope="module")
+def lookalikes(tmp_path_factory):
+    """Processes that look like qemu by name or path but are not a configured qemu binary."""
+    need_host()
+    tmp = tmp_path_factory.mktemp("lookalike")
+    fake_dir = tmp / "usr" / "bin"
+    fake_dir.mkdir(parents=True)
+    fake = fake_dir / "qemu-system-x86_64"
+    shutil.copy("/bin/sleep", fake)
+    procs = [
+        # another binary with qemu's file name
+        subprocess.Popen([str(fake), "1000"]),
+        # a script whose argv[0] claims to be qemu, with a -name that would match a policy
+        subprocess.Popen(["bash", "-c", "exec -a qemu-system-x86_64 python3 -c 'import time; time.sleep(1000)' "
+                          "-name guest=web9 -smp 2"]),
+    ]
+    # the real path, but another file: a bind mount in a private mount namespace
+    if shutil.which("unshare"):
+        procs.append(subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c",
+             f"mount --bind {fake} {QEMU} && exec {QEMU} 1000"]))
+    time.sleep(0.5)
+    pids = []
+    for p in procs:
+        # unshare execs sh which execs the fake: the pid stays the same
+        assert p.poll() is None, "look-alike died"
+        pids.append(p.pid)
+    if len(procs) == 3:
+        assert os.readlink(f"/proc/{procs[2].pid}/exe") == QEMU, "bind-mount look-alike not in place"
+    yield pids
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture(scope="module")
+def guests(tmp_path_factory):
+    need_host()
+    tmp = tmp_path_factory.mktemp("guests")
+    gs = {}
+    try:
+        gs["core8"] = start_guest(tmp, "core8", "-object", "iothread,id=io1", "-object", "iothread,id=io2",
+                                  smp="4,sockets=1,cores=2,threads=2")
+        gs["web1"] = start_guest(tmp, "web1", smp="2")
+        gs["nodbg"] = start_guest(tmp, "nodbg", debug_threads=False, paused=False, smp="2")
+        if not kvm_usable():
+            skip_or_fail("/dev/kvm unusable: a TCG guest has no kvm-vcpu fds, nodbg's vCPUs can't be found")
+        wait_nodbg_vcpus(gs["nodbg"], 2)
+        yield gs
+    finally:
+        for g in gs.values():
+            g.kill()
+
+
+@pytest.fixture
+def config(tmp_path):
+    p = tmp_path / "vcpud.yaml"
+    p.write_text(POLICY)
+    return p
+
+
+def affinities(g: Guest) -> dict[str, str]:
+    """comm or role-ish label -> Cpus_allowed_list for every thread."""
+    return {f"{tid}:{comm}": g.affinity(tid) for tid, comm in g.threads().items()}
+
+
+def reset(*gs: Guest) -> None:
+    for g in gs:
+        for tid in g.threads():
+            try:
+                os.sched_setaffinity(tid, ONLINE.cpus)
+            except OSError:
+                pass
+
+
+def test_apply_pins_every_thread_as_the_policy_says(guests, lookalikes, config):
+    core8, web1, nodbg = guests["core8"], guests["web1"], guests["nodbg"]
+    reset(core8, web1, nodbg)
+    before_fakes = {pid: Path(f"/proc/{pid}/status").read_text() for pid in lookalikes}
+    p = run_vcpud("apply", "--config", str(config))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+    lines = p.stdout.splitlines()
+    assert any(l.startswith("core8 (pid") for l in lines), p.stdout
+    assert any(l.startswith("nodbg (pid") for l in lines), p.stdout
+
+    want_core8 = {"CPU 0/KVM": "0", "CPU 1/KVM": "1", "CPU 2/KVM": "0", "CPU 3/KVM": "1",
+                  "IO io1": "0", "IO io2": "0", "qemu-system-x86": "1", "call_rcu": "1"}
+    seen = {}
+    for tid, comm in core8.threads().items():
+        seen[comm] = core8.affinity(tid)
+    for comm, cpus in want_core8.items():
+        assert seen[comm] == cpus, (comm, seen)
+    # every other core8 thread is an emulator thread: emulatorpin
+    for comm, cpus in seen.items():
+        if comm not in want_core8 and not comm.startswith("kvm-nx"):
+            assert cpus == "1", (comm, seen)
+
+    for tid, comm in web1.threads().items():
+        if not comm.startswith("kvm-nx"):
+            assert web1.affinity(tid) == "0", (comm, affinities(web1))
+
+    # nodbg: vCPUs told apart by the fd of their KVM_RUN ioctl, pinned by index
+    vm = scan(Procfs(), pids=[nodbg.pid]).vms[0]
+    by_role = {t.label: t.tid for t in vm.threads if t.role.value == "vcpu"}
+    assert set(by_role) == {"vcpu 0", "vcpu 1"}
+    assert nodbg.affinity(by_role["vcpu 0"]) == "1"
+    assert nodbg.affinity(by_role["vcpu 1"]) == "0"
+    assert nodbg.affinity(nodbg.pid) == "0"  # main thread: emulatorpin
+    # kvm-nx-lpage-recovery shows a vCPU's KVM_RUN in /proc/TID/syscall but is no vCPU
+    for tid, comm in list(nodbg.threads().items()) + list(core8.threads().items()):
+        if comm.startswith("kvm-nx-lpage"):
+            t = [x for x in scan(Procfs(), pids=[nodbg.pid, core8.pid]).vms
+                 for x in x.threads if x.tid == tid]
+            assert t and t[0].role.value == "kernel"
+
+    # look-alikes: untouched (the catch-all policy would have moved them to CPU 1)
+    for pid, status in before_fakes.items():
+        now = Path(f"/proc/{pid}/status").read_text()
+        assert _line(now, "Cpus_allowed_list") == _line(status, "Cpus_allowed_list") == ONLINE.format()
+
+    # a second run changes nothing and says so
+    p2 = run_vcpud("apply", "--config", str(config))
+    assert p2.returncode == 0, p2.stdout + p2.stderr
+    for l in p2.stdout.splitlines():
+        if l.startswith(("core8", "web1", "nodbg")):
+            assert " 0 pinned" in l, l
+
+
+def _line(status: str, key: str) -> str:
+    for line in status.splitlines():
+        if line.startswith(key + ":"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(key)
+
+
+def test_dry_run_changes_nothing(guests, config):
+    web1 = guests["web1"]
+    reset(web1)
+    p = run_vcpud("apply", "--dry-run", "--config", str(config))
+    assert p.returncode == 0, p.stderr
+    assert "would pin" in p.stdout
+    assert all(web1.affinity(tid) == ONLINE.format() for tid in web1.threads())
+
+
+def test_ps_json_shows_vms_roles_affinities(guests, lookalikes, config):
+    reset(*guests.values())
+    run_vcpud("apply", "--config", str(config), check=True)
+    p = run_vcpud("ps", "--json", "--config", str(config))
+    assert p.returncode == 0, p.stderr
+    data = json.loads(p.stdout)
+    by_name = {v["name"]: v for v in data["vms"]}
+    for name in ("core8", "web1", "nodbg"):
+        assert by_name[name]["pid"] == guests[name].pid
+    assert set(lookalikes).isdisjoint(v["pid"] for v in data["vms"])
+    core8 = by_name["core8"]
+    assert core8["policy"] == "core8"
+    assert core8["smp"] == {"cpus": 4, "maxcpus": 4, "sockets": 1, "dies": 1, "clusters": 1, "cores": 2, "threads": 2}
+    labels = {t["label"]: t for t in core8["threads"]}
+    assert {"vcpu 0", "vcpu 1", "vcpu 2", "vcpu 3", "iothread io1", "iothread io2", "emulator"} <= set(labels)
+    assert labels["vcpu 1"]["affinity"] == "1" and labels["vcpu 1"]["want"] == "1"
+    assert labels["vcpu 1"]["rule"] == "vcpupin[1]"
+    assert labels["vcpu 3"]["rule"] == "vcpus"
+    assert all(t["ok"] for t in core8["threads"])
+    assert all(isinstance(t["psr"], int) and t["psr"] in ONLINE for t in core8["threads"])
+    nodbg = by_name["nodbg"]
+    assert {t["found_by"] for t in nodbg["threads"] if t["role"] == "vcpu"} == {"kvm_run"}
+
+    table = run_vcpud("ps", "--config", str(config))
+    assert table.returncode == 0
+    assert all(len(l) <= 80 for l in table.stdout.splitlines()), table.stdout
+    assert "core8" in table.stdout and "vcpu 3" in table.stdout
+    for pid in lookalikes:
+        assert f"pid {pid} " not in table.stdout
+
+
+def test_explicit_missing_config_is_an_error(guests, tmp_path):
+    p = run_vcpud("ps", "--json", "--config", str(tmp_path / "nothing.yaml"))
+    assert p.returncode == 2  # an explicitly named config that does not exist is an error
+    assert "nothing.yaml:1:1" in p.stderr
+
+
+class KillingOps(OsAffinity):
+    """Real sched_setaffinity, but SIGKILLs one guest just before its first thread is pinned."""
+
+    def __init__(self, victim: Guest):
+        super().__init__()
+        self.victim = victim
+        self.killed = False
+
+    def set(self, pid, tid, cpus):
+        if pid == self.victim.pid and not self.killed:
+            self.victim.kill()  # SIGKILL and reap, as libvirtd would
+            self.killed = True
+        return super().set(pid, tid, cpus)
+
+
+def test_vm_killed_during_apply_does_not_stop_the_others(tmp_path, config):
+    need_host()
+    victim = start_guest(tmp_path, "web-victim", smp="2")
+    other = start_guest(tmp_path, "web-other", smp="2")
+    try:
+        cfg = load_config(config, online=ONLINE)
+        ops = KillingOps(victim)
+        # victim first, so the others come after the kill
+        report = reconcile(cfg, ONLINE, Procfs(), ops, pids=[victim.pid, other.pid])
+        assert ops.killed
+        by_pid = {v.plan.vm.pid: v for v in report.vms}
+        assert all(r.outcome is Outcome.VANISHED for r in by_pid[victim.pid].results)
+        assert not by_pid[victim.pid].ok and not report.ok
+        assert by_pid[other.pid].ok
+        assert all(other.affinity(tid) == "0" for tid, c in other.threads().items() if not c.startswith("kvm-nx"))
+    finally:
+        victim.kill()
+        other.kill()
+
+
+def test_vm_gone_before_apply_scan_is_reported_not_fatal(tmp_path, config):
+    need_host()
+    g = start_guest(tmp_path, "web-gone", smp="1")
+    g.kill()
+    p = run_vcpud("apply", "--config", str(config))
+    assert "Traceback" not in p.stderr
+    assert f"pid {g.pid})" not in p.stdout
+
+
+def make_cpuset_cgroup(name: str, cpus: str) -> tuple[Path, str]:
+    """A cpuset cgroup like the ones libvirt puts each vCPU in; returns (dir, file to write TIDs to)."""
+    v1 = Path("/sys/fs/cgroup/cpuset")
+    if (v1 / "cpuset.cpus").exists():
+        d = v1 / name
+        d.mkdir(exist_ok=True)
+        (d / "cpuset.cpus").write_text(cpus)
+        (d / "cpuset.mems").write_text((v1 / "cpuset.mems").read_text().strip() or "0")
+        return d, "tasks"
+    for v2 in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+        if "cpuset" in (v2 / "cgroup.controllers").read_text().split() if (v2 / "cgroup.controllers").exists() else False:
+            (v2 / "cgroup.subtree_control").write_text("+cpuset")
+            d = v2 / name
+            d.mkdir(exist_ok=True)
+            (d / "cpuset.cpus").write_text(cpus)
+            return d, "cgroup.procs"
+    skip_or_fail("no cpuset cgroup controller on this host")
+    raise AssertionError
+
+
+def remove_cgroup(d: Path, tasks: str) -> None:
+    parent_tasks = d.parent / tasks
+    for tid in (d / tasks).read_text().split():
+        try:
+            parent_tasks.write_text(tid)
+        except OSError:
+            pass
+    for _ in range(50):
+        try:
+            d.rmdir()
+            return
+        except OSError:
+            time.sleep(0.05)
+
+
+def test_cpuset_cgroup_excluding_the_cpus_is_reported(tmp_path, config):
+    need_host()
+    g = start_guest(tmp_path, "web-caged", smp="1")
+    d, tasks = make_cpuset_cgroup(f"vcpud-test-{os.getpid()}", "1")
+    try:
+        # like libvirt: the guest may only run on CPU 1, and policy "web" wants CPU 0
+        if tasks == "tasks":
+            for tid in g.threads():
+                (d / tasks).write_text(str(tid))
+        else:
+            (d / tasks).write_text(str(g.pid))
+        p = run_vcpud("apply", "--config", str(config))
+        assert p.returncode == 1, p.stdout + p.stderr
+        mine = [l for l in p.stdout.splitlines() if "web-caged" in l or "outside-cpuset" in l]
+        assert any("outside-cpuset" in l and d.name in l and "allows 1" in l for l in mine), p.stdout
+        assert all(g.affinity(tid) == "1" for tid in g.threads())
+    finally:
+        g.kill()
+        remove_cgroup(d, tasks)
