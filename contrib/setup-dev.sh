@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up a Debian 12 machine for vcpud: system packages, a venv in .venv, vcpud installed in it.
+# Run as root (vcpud pins other processes' threads); idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DEBIAN_FRONTEND=noninteractive
+need=(qemu-system-x86 qemu-utils libsystemd-dev pkg-config gcc python3-dev python3-venv util-linux)
+missing=()
+for p in "${need[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[test]'
+echo "vcpud installed in $(pwd)/.venv: $(.venv/bin/vcpud --version)"
