@@ -66,6 +66,9 @@ def start_guest(tmp: Path, name: str | None, *args: str, debug_threads: bool = T
         argv += ["-name", f"guest={name},debug-threads=on" if debug_threads else name]
     argv += ["-smp", smp, *accel_args(), "-display", "none", "-nodefaults", "-no-user-config", "-m", "64",
              "-serial", "none", "-monitor", "none"]
+    if exe != QEMU:
+        # a copy elsewhere finds no firmware relative to itself
+        argv += ["-L", "/usr/share/qemu", "-L", "/usr/share/seabios"]
     if paused:
         argv.append("-S")
     argv += list(args)

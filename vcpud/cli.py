@@ -100,6 +100,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_CONFIG
     report = reconcile(cfg, online, Procfs(Path(args.proc)), OsAffinity(Path(args.proc)), dry_run=args.dry_run)
+    _hint_unreadable(report.scan)
     for v in report.vms:
         if v.plan.policy is None:
             print(f"{v.plan.vm.display_name} (pid {v.plan.vm.pid}): no policy matches, left alone")
@@ -168,12 +169,19 @@ def ps_table(plans: Sequence[VMPlan]) -> str:
     return "\n".join(out).rstrip("\n") + "\n"
 
 
+def _hint_unreadable(found: Scan) -> None:
+    if found.unreadable:
+        print(f"vcpud: {found.unreadable} processes could not be inspected; run as root to see every VM",
+              file=sys.stderr)
+
+
 def cmd_ps(args: argparse.Namespace) -> int:
     online = _online(Path(args.sysroot))
     cfg = _load(args.config, online, required=False)
     if cfg is None:
         return EXIT_CONFIG
     found = scan(Procfs(Path(args.proc)), cfg.executables)
+    _hint_unreadable(found)
     p = plan(cfg, found.vms, online)
     if args.json:
         print(json.dumps(ps_json(found, p.vms), indent=2))

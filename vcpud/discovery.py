@@ -14,7 +14,7 @@ import platform
 import pwd
 import re
 import stat
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .cpuset import CpuSet
@@ -32,6 +32,7 @@ KVM_RUN_DEFAULT = 0xAE80
 
 _VCPU_NAME = re.compile(r"CPU (\d+)/(KVM|TCG|HVF|WHPX|NVMM|HAX)\Z")
 _DELETED = " (deleted)"
+UNREADABLE = "cannot read /proc/PID/exe (not root / no CAP_SYS_PTRACE?)"
 
 
 class Role(str, enum.Enum):
@@ -133,7 +134,8 @@ class Scan:
     vms: tuple[VM, ...]
     rejected: tuple[Rejected, ...] = ()
     vanished: int = 0  # processes and threads that went away while being read
-    errors: tuple[str, ...] = field(default=())
+    errors: tuple[str, ...] = ()
+    unreadable: int = 0  # processes whose executable we may not read
 
 
 # --- qemu command line --------------------------------------------------------------
@@ -390,7 +392,8 @@ def verify_executable(procfs: Procfs, pid: int, patterns: Sequence[str]) -> tupl
     configured path, the binary must be root-owned and not writable by others, and it
     must be the very file at that path on the host (not a look-alike in another mount
     namespace). A binary replaced on disk by a package upgrade shows as "(deleted)": it
-    is accepted when still root-owned, since only root could have put it there.
+    is accepted when the process shares our mount namespace, where only root could have
+    put a root-owned file at that path.
     """
     try:
         exe = procfs.exe(pid)
@@ -400,7 +403,7 @@ def verify_executable(procfs: Procfs, pid: int, patterns: Sequence[str]) -> tupl
             return None, "no executable (kernel thread)"
         raise
     except PermissionError:
-        return None, "cannot read exe (no CAP_SYS_PTRACE?)"
+        return None, UNREADABLE
     except OSError as e:  # kernel threads: ENOENT is Vanished, others have no exe
         return None, str(e)
     deleted = exe.endswith(_DELETED)
@@ -410,7 +413,11 @@ def verify_executable(procfs: Procfs, pid: int, patterns: Sequence[str]) -> tupl
     st = procfs.exe_stat(pid)
     if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return exe, "binary not root-owned or writable by others"
-    if not deleted:
+    if deleted:
+        # The path it ran from is only meaningful if it was resolved in our mount namespace.
+        if not procfs.same_mount_ns(pid):
+            return exe, "deleted binary in another mount namespace"
+    else:
         try:
             host = os.stat(path)
         except OSError:
@@ -454,11 +461,12 @@ def scan(procfs: Procfs, executables: Sequence[str] = DEFAULT_EXECUTABLES, pids:
     vms: list[VM] = []
     rejected: list[Rejected] = []
     errors: list[str] = []
-    vanished = 0
+    vanished = unreadable = 0
     for pid in (procfs.pids() if pids is None else pids):
         try:
             exe, why = verify_executable(procfs, pid, executables)
-            if exe is None and why is not None:
+            if exe is None:
+                unreadable += why == UNREADABLE
                 continue  # kernel thread or unreadable: not a candidate
             if why is not None:
                 if exe and os.path.basename(exe.removesuffix(_DELETED)).startswith(("qemu", "kvm")):
@@ -473,4 +481,5 @@ def scan(procfs: Procfs, executables: Sequence[str] = DEFAULT_EXECUTABLES, pids:
         except OSError as e:
             errors.append(f"pid {pid}: {e}")
             log.warning("cannot read pid %d: %s", pid, e)
-    return Scan(vms=tuple(vms), rejected=tuple(rejected), vanished=vanished, errors=tuple(errors))
+    return Scan(vms=tuple(vms), rejected=tuple(rejected), vanished=vanished, errors=tuple(errors),
+                unreadable=unreadable)

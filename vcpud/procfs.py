@@ -146,6 +146,17 @@ class Procfs:
                 raise Vanished(str(pid)) from None
             raise
 
+    def same_mount_ns(self, pid: int) -> bool:
+        """Whether the process resolves paths in the same mount namespace as /proc/self."""
+        try:
+            theirs = os.stat(self.root / str(pid) / "ns" / "mnt")
+            ours = os.stat(self.root / "self" / "ns" / "mnt")
+        except OSError as e:
+            if e.errno in _GONE:
+                raise Vanished(str(pid)) from None
+            return False
+        return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
     def cmdline(self, pid: int) -> tuple[str, ...]:
         raw = self._read(self.root / str(pid) / "cmdline")
         return tuple(raw.split("\0")[:-1]) if raw.endswith("\0") else tuple(raw.split("\0"))

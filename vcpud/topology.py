@@ -1,0 +1,564 @@
+"""Host CPU topology: sysfs -> frozen model, with lscpu-compatible output."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping
+
+from vcpud.cpuset import CpuSet, CpuSetError
+
+log = logging.getLogger(__name__)
+
+CPU_DIR = Path("sys/devices/system/cpu")
+NODE_DIR = Path("sys/devices/system/node")
+CPUINFO = Path("proc/cpuinfo")
+
+PARSE_HEADER = (
+    "# The following is the parsable format, which can be fed to other\n"
+    "# programs. Each different item in every column has an unique ID\n"
+    "# starting usually from zero.\n"
+)
+
+# /proc/cpuinfo keys that describe the CPU type, and the field each fills (util-linux lscpu's table).
+_TYPE_KEYS = {
+    "ASEs implemented": "flags",
+    "Address Sizes": "addrsz",
+    "BogoMIPS": "bogomips",
+    "CPU Family": "family",
+    "CPU Revision": "revision",
+    "CPU implementer": "vendor",
+    "CPU part": "model",
+    "CPU revision": "revision",
+    "CPU variant": "stepping",
+    "Features": "flags",
+    "ISA": "isa",
+    "Model Name": "model_name",
+    "address sizes": "addrsz",
+    "bogomips per cpu": "bogomips",
+    "cpu": "model_name",
+    "cpu family": "family",
+    "cpu model": "model",
+    "family": "family",
+    "features": "flags",
+    "flags": "flags",
+    "marchid": "family",
+    "max thread id": "mtid",
+    "mimpid": "model",
+    "model": "model",
+    "model name": "model_name",
+    "mvendorid": "vendor",
+    "revision": "revision",
+    "stepping": "stepping",
+    "type": "flags",
+    "uarch": "model_name",
+    "vendor": "vendor",
+    "vendor_id": "vendor",
+}
+_PROCESSOR_KEYS = frozenset({"processor", "cpu number"})
+_TYPE_IDENTITY = ("vendor", "model", "model_name", "stepping")
+_TYPE_SUBSET_CHECK = ("model", "model_name", "vendor", "bogomips", "revision")
+
+_CPU_DIR_RE = re.compile(r"cpu([0-9]+)\Z")
+_NODE_DIR_RE = re.compile(r"node([0-9]+)\Z")
+_TRAILING_NUM_RE = re.compile(r"[0-9]+\Z")
+_SIZE_RE = re.compile(r"([0-9]+)\s*([KMGT]?)(?:i?B)?\Z", re.IGNORECASE)
+_SIZE_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+
+
+@dataclass(frozen=True, slots=True)
+class Cache:
+    """One cache as a CPU sees it. ``id`` is the kernel's, or lscpu's stand-in when sysfs has none."""
+
+    level: int
+    type: str  # 'Data', 'Instruction' or 'Unified'
+    size: int | None  # bytes
+    shared_cpus: CpuSet
+    id: int
+
+    @property
+    def name(self) -> str:
+        """lscpu's name: ``L1d``, ``L1i``, ``L2``..."""
+        suffix = {"Data": "d", "Instruction": "i"}.get(self.type, "")
+        return f"L{self.level}{suffix}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "level": self.level,
+            "type": self.type,
+            "size": self.size,
+            "shared_cpus": self.shared_cpus.format(),
+            "id": self.id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CpuType:
+    """A kind of core as /proc/cpuinfo describes it (big.LITTLE hosts have several)."""
+
+    vendor: str | None = None
+    model: str | None = None
+    model_name: str | None = None
+    stepping: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "vendor": self.vendor,
+            "model": self.model,
+            "model_name": self.model_name,
+            "stepping": self.stepping,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Cpu:
+    """One logical CPU. IDs are the kernel's; None where sysfs does not say."""
+
+    cpu: int
+    online: bool
+    core_id: int | None = None
+    package_id: int | None = None
+    die_id: int | None = None
+    book: int | None = None
+    drawer: int | None = None
+    node: int | None = None
+    siblings: CpuSet = CpuSet()  # SMT threads of this core (thread_siblings)
+    core_cpus: CpuSet = CpuSet()  # kernel's core_cpus; equals siblings on current kernels
+    package_cpus: CpuSet = CpuSet()  # core_siblings: CPUs in the same package
+    caches: tuple[Cache, ...] = ()
+    cpu_type: int | None = None  # index into Topology.cpu_types
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cpu": self.cpu,
+            "online": self.online,
+            "core_id": self.core_id,
+            "package_id": self.package_id,
+            "die_id": self.die_id,
+            "book": self.book,
+            "drawer": self.drawer,
+            "node": self.node,
+            "siblings": self.siblings.format(),
+            "core_cpus": self.core_cpus.format(),
+            "package_cpus": self.package_cpus.format(),
+            "caches": [c.to_json() for c in self.caches],
+            "cpu_type": self.cpu_type,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """The host's CPUs as sysfs describes them. CPU sets serialise as cpulist strings."""
+
+    cpus: tuple[Cpu, ...]
+    possible: CpuSet
+    present: CpuSet
+    online: CpuSet
+    offline: CpuSet  # present but not online
+    isolated: CpuSet
+    nohz_full: CpuSet
+    nodes: Mapping[int, CpuSet] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    cpu_types: tuple[CpuType, ...] = ()
+
+    @property
+    def sockets(self) -> tuple[CpuSet, ...]:
+        """Distinct packages, each as the set of its CPUs, ordered by first CPU."""
+        by_set: set[CpuSet] = set()
+        by_id: dict[tuple[int | None, int | None, int], set[int]] = {}
+        for c in self.cpus:
+            if c.package_cpus:
+                by_set.add(c.package_cpus)
+            elif c.package_id is not None:
+                by_id.setdefault((c.drawer, c.book, c.package_id), set()).add(c.cpu)
+        return _ordered(by_set | {CpuSet.of(s) for s in by_id.values()})
+
+    @property
+    def cores(self) -> tuple[CpuSet, ...]:
+        """Physical cores, each as the set of its SMT siblings, ordered by first CPU."""
+        found: set[CpuSet] = set()
+        for c in self.cpus:
+            if c.siblings:
+                found.add(c.siblings)
+            elif c.online:
+                found.add(CpuSet.of([c.cpu]))
+        return _ordered(found)
+
+    @property
+    def l3_domains(self) -> tuple[CpuSet, ...]:
+        """Distinct sets of CPUs sharing one L3 cache, ordered by first CPU."""
+        return _ordered({ca.shared_cpus for c in self.cpus for ca in c.caches if ca.level == 3 and ca.shared_cpus})
+
+    @property
+    def smt_threads_per_core(self) -> int:
+        return max((len(c.siblings) for c in self.cpus), default=0) or 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "possible": self.possible.format(),
+            "present": self.present.format(),
+            "online": self.online.format(),
+            "offline": self.offline.format(),
+            "isolated": self.isolated.format(),
+            "nohz_full": self.nohz_full.format(),
+            "nodes": {str(n): s.format() for n, s in self.nodes.items()},
+            "sockets": [s.format() for s in self.sockets],
+            "cores": [s.format() for s in self.cores],
+            "l3_domains": [s.format() for s in self.l3_domains],
+            "smt_threads_per_core": self.smt_threads_per_core,
+            "cpu_types": [t.to_json() for t in self.cpu_types],
+            "cpus": [c.to_json() for c in self.cpus],
+        }
+
+
+def _ordered(sets: Iterable[CpuSet]) -> tuple[CpuSet, ...]:
+    return tuple(sorted(sets, key=lambda s: (s.first(), len(s))))
+
+
+# --- reading -------------------------------------------------------------------------
+
+
+def read_topology(sysroot: Path = Path("/")) -> Topology:
+    """Read SYSROOT/sys/devices/system/{cpu,node} and SYSROOT/proc/cpuinfo into a Topology.
+
+    Missing files leave the matching attributes empty or None; only a missing
+    ``sys/devices/system/cpu`` directory is an error.
+    """
+    root = Path(sysroot)
+    cpu_dir = root / CPU_DIR
+    if not cpu_dir.is_dir():
+        raise FileNotFoundError(f"{cpu_dir} is missing: {root} does not look like a Linux root")
+
+    dirs = _cpu_dirs(cpu_dir)
+    possible_f = _read_cpus(cpu_dir / "possible")
+    present_f = _read_cpus(cpu_dir / "present")
+    online_f = _read_cpus(cpu_dir / "online")
+    if present_f is not None:
+        present = present_f
+    else:
+        present = (CpuSet.of(dirs) | (online_f or CpuSet())) or possible_f or CpuSet()
+    ids = sorted(present.cpus | set(dirs))
+    if online_f is not None:
+        online = online_f
+    else:
+        online = CpuSet.of(n for n in ids if _cpu_online_flag(cpu_dir / f"cpu{n}"))
+    possible = possible_f if possible_f is not None else CpuSet.of(ids) | online
+
+    nodes = _read_nodes(root / NODE_DIR)
+    cpuinfo = _read(root / CPUINFO)
+    cpu_types, type_of = _cpu_types(cpuinfo or "", ids)
+
+    registry: dict[tuple[str, int, int], CpuSet] = {}  # caches by (type, level, id), in discovery order
+    cpus = []
+    for n in ids:
+        path = cpu_dir / f"cpu{n}"
+        topo = path / "topology"
+        siblings = _first_cpus(topo, "thread_siblings", "thread_siblings_list", "core_cpus", "core_cpus_list")
+        package = _first_cpus(topo, "core_siblings", "core_siblings_list", "package_cpus", "package_cpus_list")
+        cpus.append(
+            Cpu(
+                cpu=n,
+                online=n in online,
+                core_id=_read_id(topo / "core_id"),
+                package_id=_read_id(topo / "physical_package_id"),
+                die_id=_read_id(topo / "die_id"),
+                book=_read_id(topo / "book_id"),
+                drawer=_read_id(topo / "drawer_id"),
+                node=next((k for k, s in nodes.items() if n in s), None),
+                siblings=siblings or CpuSet(),
+                core_cpus=_first_cpus(topo, "core_cpus", "core_cpus_list") or siblings or CpuSet(),
+                package_cpus=package or CpuSet(),
+                caches=_read_caches(path, n, registry),
+                cpu_type=type_of.get(n),
+            )
+        )
+
+    return Topology(
+        cpus=tuple(cpus),
+        possible=possible,
+        present=present,
+        online=online,
+        offline=present - online,
+        isolated=_read_cpus(cpu_dir / "isolated") or CpuSet(),
+        nohz_full=_read_cpus(cpu_dir / "nohz_full") or CpuSet(),
+        nodes=MappingProxyType(nodes),
+        cpu_types=cpu_types,
+    )
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace")
+    except OSError as e:
+        log.debug("cannot read %s: %s", path, e)
+        return None
+
+
+def _read_id(path: Path) -> int | None:
+    """An integer sysfs attribute; -1 (the kernel's "unknown") and missing both give None."""
+    text = _read(path)
+    if text is None:
+        return None
+    try:
+        value = int(text.strip())
+    except ValueError:
+        log.warning("ignoring non-numeric %s: %r", path, text.strip())
+        return None
+    return value if value >= 0 else None
+
+
+def _read_cpus(path: Path, mask: bool = False) -> CpuSet | None:
+    """A CPU set file, as a cpulist (``0-3,8``) or a hex mask (``ff,00000000``)."""
+    text = _read(path)
+    if text is None:
+        return None
+    body = text.strip()
+    # nohz_full prints "(null)" when the boot option is absent.
+    if body in ("", "(null)"):
+        return CpuSet()
+    try:
+        return CpuSet.from_mask(body) if mask else CpuSet.parse(body)
+    except CpuSetError as e:
+        log.warning("ignoring unparseable %s: %s", path, e)
+        return None
+
+
+def _first_cpus(directory: Path, *names: str) -> CpuSet | None:
+    """The first of NAMES that exists; ``*list`` files are cpulists, the rest masks."""
+    for name in names:
+        found = _read_cpus(directory / name, mask=not name.endswith("list"))
+        if found is not None:
+            return found
+    return None
+
+
+def _cpu_dirs(cpu_dir: Path) -> list[int]:
+    try:
+        entries = list(cpu_dir.iterdir())
+    except OSError as e:
+        log.warning("cannot list %s: %s", cpu_dir, e)
+        return []
+    return sorted(int(m.group(1)) for p in entries if (m := _CPU_DIR_RE.match(p.name)) and p.is_dir())
+
+
+def _cpu_online_flag(path: Path) -> bool:
+    # cpu0 usually has no "online" file: it cannot be hot-unplugged.
+    text = _read(path / "online")
+    if text is None:
+        return path.is_dir()
+    return text.strip() == "1"
+
+
+def _read_nodes(node_dir: Path) -> dict[int, CpuSet]:
+    try:
+        entries = list(node_dir.iterdir())
+    except OSError as e:
+        log.debug("no NUMA information at %s: %s", node_dir, e)
+        return {}
+    nodes: dict[int, CpuSet] = {}
+    for p in entries:
+        m = _NODE_DIR_RE.match(p.name)
+        if m and p.is_dir():
+            nodes[int(m.group(1))] = _first_cpus(p, "cpumap", "cpulist") or CpuSet()
+    return dict(sorted(nodes.items()))
+
+
+def _parse_size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        return None
+    return int(m.group(1)) << _SIZE_SHIFT[m.group(2).upper()]
+
+
+def _read_caches(cpu_path: Path, cpu: int, registry: dict[tuple[str, int, int], CpuSet]) -> tuple[Cache, ...]:
+    caches = []
+    i = 0
+    while (idx := cpu_path / "cache" / f"index{i}").exists():
+        i += 1
+        level = _read_id(idx / "level")
+        ctype = (_read(idx / "type") or "").strip()
+        if level is None or not ctype:
+            continue
+        shared = _first_cpus(idx, "shared_cpu_map", "shared_cpu_list") or CpuSet()
+        cid = _read_id(idx / "id")
+        if cid is None:
+            cid = _synthetic_cache_id(registry, cpu, ctype, level)
+        if not registry.get((ctype, level, cid)):
+            registry[(ctype, level, cid)] = shared
+        size = _parse_size(_read(idx / "size"))
+        caches.append(Cache(level=level, type=ctype, size=size, shared_cpus=shared, id=cid))
+    return tuple(caches)
+
+
+def _synthetic_cache_id(registry: dict[tuple[str, int, int], CpuSet], cpu: int, ctype: str, level: int) -> int:
+    """lscpu's numbering when sysfs has no cache ``id``: order of first discovery."""
+    idx = 0
+    for (etype, elevel, _), shared in registry.items():
+        if etype != ctype or elevel != level:
+            continue
+        if cpu in shared:
+            return idx
+        idx += 1
+    return idx
+
+
+def _cpu_types(cpuinfo: str, cpus: Iterable[int]) -> tuple[tuple[CpuType, ...], dict[int, int]]:
+    """Group CPUs into types the way lscpu does: one per cpuinfo block, then de-duplicated."""
+    known = set(cpus)
+    types: list[dict[str, str]] = []
+    owner: dict[int, int] = {}
+    cur_type: int | None = None
+    cur_cpu: int | None = None
+    for raw in cpuinfo.splitlines():
+        name, sep, value = raw.strip().partition(":")
+        value = value.strip()
+        if not sep or not value:
+            continue
+        key = name[:127].rstrip()
+        keynum = None
+        if m := _TRAILING_NUM_RE.search(key):
+            keynum = int(m.group(0))
+            key = key[: m.start()].rstrip()
+        if key in _PROCESSOR_KEYS:
+            # s390 writes "processor 3: version = ...": the number is in the key.
+            cid = keynum if keynum is not None else (int(value) if value.isdigit() else 0)
+            if cur_cpu is not None and cur_type is not None:
+                owner[cur_cpu] = cur_type
+            cur_cpu = cid if cid in known else None
+        elif key in _TYPE_KEYS:
+            member = _TYPE_KEYS[key]
+            if cur_type is None or member in types[cur_type]:
+                types.append({})
+                cur_type = len(types) - 1
+            types[cur_type][member] = value
+        elif key == "bogomips" and cur_type is not None:
+            types[cur_type].setdefault("bogomips", value)
+    if cur_cpu is not None and cur_type is not None and cur_cpu not in owner:
+        owner[cur_cpu] = cur_type
+    if not types:
+        return (), {}
+
+    def identity(i: int) -> tuple[tuple[bool, str], ...]:
+        return tuple((m in types[i], types[i].get(m, "")) for m in _TYPE_IDENTITY)
+
+    uniq: list[int] = []
+    remap: dict[int, int] = {}
+    for i in sorted(range(len(types)), key=identity):
+        if not uniq or identity(uniq[-1]) != identity(i):
+            uniq.append(i)
+        remap[i] = len(uniq) - 1
+    if len(uniq) == 2:
+        # A trailing machine-wide cpuinfo section (ppc "model : IBM,...") makes the
+        # last block look like a second type; lscpu folds a subset type into the other.
+        sub, master = types[uniq[0]], types[uniq[1]]
+        if all(m not in sub or sub[m] == master.get(m) for m in _TYPE_SUBSET_CHECK):
+            uniq = [uniq[1]]
+            remap = dict.fromkeys(remap, 0)
+    result = tuple(CpuType(**{m: types[i].get(m) for m in _TYPE_IDENTITY}) for i in uniq)
+    return result, {n: remap[owner[n]] if n in owner else 0 for n in known}
+
+
+# --- output --------------------------------------------------------------------------
+
+
+def format_parse(topo: Topology, physical: bool = False) -> str:
+    """What ``lscpu --parse [--physical] --sysroot DIR`` prints for the same sysfs."""
+    caches = _cache_instances(topo)
+    names = list(dict.fromkeys(name for name, _, _ in caches))
+    out = [PARSE_HEADER, "# CPU,Core,Socket,Node"]
+    if names:
+        out.append(",," + ",".join(names))
+    out.append("\n")
+
+    # lscpu numbers cores and sockets per CPU type, in order of first appearance.
+    coremaps: dict[int | None, list[CpuSet]] = {}
+    socketmaps: dict[int | None, list[CpuSet]] = {}
+    for c in topo.cpus:
+        if not c.siblings:
+            continue
+        if c.siblings not in (cm := coremaps.setdefault(c.cpu_type, [])):
+            cm.append(c.siblings)
+        if c.package_cpus and c.package_cpus not in (sm := socketmaps.setdefault(c.cpu_type, [])):
+            sm.append(c.package_cpus)
+
+    for c in topo.cpus:
+        if not c.online or c.cpu not in topo.present:
+            continue
+        if physical:
+            core, socket = _physical_id(c.core_id), _physical_id(c.package_id)
+        else:
+            core = _logical_id(c.cpu, coremaps.get(c.cpu_type, ()))
+            socket = _logical_id(c.cpu, socketmaps.get(c.cpu_type, ()))
+        node = "" if c.node is None else str(c.node)
+        row = f"{c.cpu},{core},{socket},{node}"
+        if names:
+            ids = []
+            for want in names:
+                cid = next((i for name, i, shared in caches if name == want and c.cpu in shared), None)
+                if cid is not None:
+                    ids.append(str(cid))
+            row += ",," + ",".join(ids)
+        out.append(row + "\n")
+    return "".join(out)
+
+
+def _cache_instances(topo: Topology) -> list[tuple[str, int, CpuSet]]:
+    """Distinct caches (name, id, CPUs sharing it) sorted by name; first-seen CPU set wins, as in lscpu."""
+    seen: dict[tuple[str, int, int], Cache] = {}
+    for c in topo.cpus:
+        for ca in c.caches:
+            key = (ca.type, ca.level, ca.id)
+            if key not in seen or not seen[key].shared_cpus:
+                seen[key] = ca
+    return sorted(((ca.name, ca.id, ca.shared_cpus) for ca in seen.values()), key=lambda e: e[0])
+
+
+def _logical_id(cpu: int, maps: Iterable[CpuSet]) -> str:
+    return next((str(i) for i, s in enumerate(maps) if cpu in s), "")
+
+
+def _physical_id(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def format_summary(topo: Topology) -> str:
+    """A short human-readable description of the host's CPUs."""
+    sockets, cores = topo.sockets, topo.cores
+    per_socket = sorted({sum(1 for core in cores if core <= s) for s in sockets})
+    if not per_socket:
+        cores_per_socket = "0"
+    elif len(per_socket) == 1:
+        cores_per_socket = str(per_socket[0])
+    else:
+        cores_per_socket = f"{per_socket[0]}-{per_socket[-1]}"
+    rows: list[tuple[str, str]] = [
+        ("CPU(s) present", f"{len(topo.present)} ({_cpus(topo.present)})"),
+        ("CPU(s) online", f"{len(topo.online)} ({_cpus(topo.online)})"),
+        ("CPU(s) offline", f"{len(topo.offline)} ({_cpus(topo.offline)})"),
+        ("Socket(s)", str(len(sockets))),
+        ("Core(s) per socket", cores_per_socket),
+        ("Core(s) total", str(len(cores))),
+        ("Thread(s) per core", str(topo.smt_threads_per_core)),
+    ]
+    for i, t in enumerate(topo.cpu_types if len(topo.cpu_types) > 1 else ()):
+        members = CpuSet.of(c.cpu for c in topo.cpus if c.cpu_type == i)
+        label = t.model_name or "/".join(x for x in (t.vendor, t.model, t.stepping) if x) or "?"
+        rows.append((f"CPU type {i}", f"{label}: {_cpus(members)}"))
+    rows.append(("NUMA node(s)", str(len(topo.nodes))))
+    rows += [(f"  node{n}", _cpus(s)) for n, s in topo.nodes.items()]
+    l3 = topo.l3_domains
+    rows.append(("L3 domain(s)", str(len(l3))))
+    rows += [(f"  L3 #{i}", _cpus(s)) for i, s in enumerate(l3)]
+    rows.append(("Isolated CPU(s)", _cpus(topo.isolated)))
+    rows.append(("nohz_full CPU(s)", _cpus(topo.nohz_full)))
+    width = max(len(k) for k, _ in rows) + 2
+    return "".join(f"{k + ':':<{width}}{v}\n" for k, v in rows)
+
+
+def _cpus(s: CpuSet) -> str:
+    return s.format() or "none"
