@@ -216,18 +216,6 @@ class Policy:
             if not isinstance(value, FrozenMap):
                 object.__setattr__(self, attr, FrozenMap(value))
 
-    def cpus_for_vcpu(self, index: int) -> CpuSet | None:
-        return _first_set(self.vcpupin.get(index), self.vcpus, self.affinity)
-
-    def cpus_for_emulator(self) -> CpuSet | None:
-        return _first_set(self.emulatorpin, self.affinity)
-
-    def cpus_for_iothread(self, id: str) -> CpuSet | None:  # noqa: A002 - the API's name
-        return _first_set(self.iothreadpin_by_id.get(id), self.iothreadpin, self.affinity)
-
-    def cpus_for_vhost(self) -> CpuSet | None:
-        return _first_set(self.vhostpin, self.affinity)
-
     def all_cpus(self) -> CpuSet:
         """Every CPU any rule of this policy names."""
         out = CpuSet()
@@ -237,13 +225,6 @@ class Policy:
         for s in (*self.vcpupin.values(), *self.iothreadpin_by_id.values()):
             out |= s
         return out
-
-
-def _first_set(*candidates: CpuSet | None) -> CpuSet | None:
-    for c in candidates:
-        if c is not None:
-            return c
-    return None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from textwrap import dedent
 
 import pytest
 
+from vcpud.discovery import Role, Thread
+from vcpud.placement import rule_for
 from vcpud.cpuset import CpuSet
 from vcpud.policy import (
     DEFAULT_CONFIG_PATH,
@@ -140,7 +142,7 @@ def test_single_executable_string_and_x_keys_ignored():
 def test_policy_without_rules_is_allowed():
     (p,) = parse("policies:\n  - {name: quiet, match: {name: quiet}}\n").policies
     assert p.all_cpus() == CpuSet()
-    assert p.cpus_for_vcpu(0) is None and p.cpus_for_emulator() is None
+    assert cpus_for(p, Role.VCPU, vcpu=0) is None and cpus_for(p, Role.EMULATOR) is None
 
 
 def test_yaml_11_number_forms_are_taken_as_typed():
@@ -697,6 +699,12 @@ def test_example_config_loads(online):
 # --- precedence ----------------------------------------------------------------------------
 
 
+def cpus_for(p, role, vcpu=None, io=None):
+    """What the planner gives a thread of that role under policy p (precedence lives there)."""
+    r = rule_for(p, Thread(tid=1, comm="x", role=role, vcpu=vcpu, iothread=io))
+    return None if r is None else r[1]
+
+
 def test_precedence_all_rules():
     (p,) = parse(
         policy(
@@ -710,28 +718,28 @@ def test_precedence_all_rules():
             """
         )
     ).policies
-    assert p.cpus_for_vcpu(0) == cpus("0")
-    assert p.cpus_for_vcpu(1) == cpus("1")
-    assert p.cpus_for_emulator() == cpus("2")
-    assert p.cpus_for_iothread("io1") == cpus("3")
-    assert p.cpus_for_iothread("io2") == cpus("5")  # not in the map: affinity
-    assert p.cpus_for_vhost() == cpus("4")
+    assert cpus_for(p, Role.VCPU, vcpu=0) == cpus("0")
+    assert cpus_for(p, Role.VCPU, vcpu=1) == cpus("1")
+    assert cpus_for(p, Role.EMULATOR) == cpus("2")
+    assert cpus_for(p, Role.IOTHREAD, io="io1") == cpus("3")
+    assert cpus_for(p, Role.IOTHREAD, io="io2") == cpus("5")  # not in the map: affinity
+    assert cpus_for(p, Role.VHOST) == cpus("4")
     assert p.all_cpus() == cpus("0-5")
 
 
 def test_precedence_falls_back_to_affinity_then_none():
     only_affinity = Policy(name="a", affinity=cpus("7"))
-    assert only_affinity.cpus_for_vcpu(3) == cpus("7")
-    assert only_affinity.cpus_for_emulator() == cpus("7")
-    assert only_affinity.cpus_for_iothread("x") == cpus("7")
-    assert only_affinity.cpus_for_vhost() == cpus("7")
+    assert cpus_for(only_affinity, Role.VCPU, vcpu=3) == cpus("7")
+    assert cpus_for(only_affinity, Role.EMULATOR) == cpus("7")
+    assert cpus_for(only_affinity, Role.IOTHREAD, io="x") == cpus("7")
+    assert cpus_for(only_affinity, Role.VHOST) == cpus("7")
 
     pins = Policy(name="b", vcpupin={1: cpus("2")}, iothreadpin=cpus("3"))
-    assert pins.cpus_for_vcpu(1) == cpus("2")
-    assert pins.cpus_for_vcpu(0) is None  # no vcpus, no affinity: leave it
-    assert pins.cpus_for_emulator() is None
-    assert pins.cpus_for_iothread("any") == cpus("3")
-    assert pins.cpus_for_vhost() is None
+    assert cpus_for(pins, Role.VCPU, vcpu=1) == cpus("2")
+    assert cpus_for(pins, Role.VCPU, vcpu=0) is None  # no vcpus, no affinity: leave it
+    assert cpus_for(pins, Role.EMULATOR) is None
+    assert cpus_for(pins, Role.IOTHREAD, io="any") == cpus("3")
+    assert cpus_for(pins, Role.VHOST) is None
     assert pins.all_cpus() == cpus("2-3")
     # Hand-built policies take plain dicts and stay hashable.
     assert hash(pins) == hash(Policy(name="b", vcpupin={1: cpus("2")}, iothreadpin=cpus("3")))
@@ -739,8 +747,8 @@ def test_precedence_falls_back_to_affinity_then_none():
 
 def test_iothread_map_beats_string_form():
     p = Policy(name="c", iothreadpin=cpus("1"), iothreadpin_by_id={"io1": cpus("2")}, affinity=cpus("3"))
-    assert p.cpus_for_iothread("io1") == cpus("2")
-    assert p.cpus_for_iothread("io2") == cpus("1")
+    assert cpus_for(p, Role.IOTHREAD, io="io1") == cpus("2")
+    assert cpus_for(p, Role.IOTHREAD, io="io2") == cpus("1")
 
 
 # --- matching ------------------------------------------------------------------------------
