@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,62 @@ def skip_or_fail(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"would skip in CI, which must run everything: {reason}")
     pytest.skip(reason)
+
+
+DUMPS = sorted(p.name[: -len(".tar.gz")] for p in SHARED_TOPOLOGIES.glob("*.tar.gz")) if SHARED_TOPOLOGIES.is_dir() else []
+
+
+def _safe_members(tar: tarfile.TarFile):
+    """Fallback for Pythons without extraction filters: plain files and dirs inside the archive only."""
+    for m in tar:
+        parts = Path(m.name).parts
+        if (m.isfile() or m.isdir()) and not Path(m.name).is_absolute() and ".." not in parts:
+            yield m
+
+
+def _unpack(archive: Path, dest: Path) -> Path:
+    skipped = []
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            for member in tar:
+                try:
+                    tar.extract(member, dest, filter="data")
+                except (tarfile.TarError, OSError) as e:
+                    # Dumps of /sys can hold odd entries (links leaving the tree, devices...);
+                    # none of them is a file the topology reader needs.
+                    skipped.append(f"{member.name}: {e}")
+        else:
+            tar.extractall(dest, members=_safe_members(tar))
+    if skipped:
+        warnings.warn(f"{archive.name}: skipped {len(skipped)} entries, e.g. {skipped[0]}", stacklevel=2)
+    root = dest / archive.name[: -len(".tar.gz")]
+    assert root.is_dir(), f"{archive} did not unpack to {root.name}/"
+    return root
+
+
+@pytest.fixture(scope="session")
+def unpacked(tmp_path_factory):
+    """name -> unpacked sysroot, each archive extracted once per session."""
+    base = tmp_path_factory.mktemp("topologies")
+    roots: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in roots:
+            roots[name] = _unpack(SHARED_TOPOLOGIES / f"{name}.tar.gz", base)
+        return roots[name]
+
+    return get
+
+
+DUMP_PARAMS = DUMPS or [pytest.param(None, id="no-dumps")]
+
+
+@pytest.fixture(params=DUMP_PARAMS)
+def dump(request, unpacked):
+    if request.param is None:
+        skip_or_fail(f"no topology dumps (*.tar.gz) in {SHARED_TOPOLOGIES.resolve()}")
+    return request.param, unpacked(request.param)
+
 
 
 def run_vcpud(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:

@@ -1,7 +1,5 @@
 import json
 import os
-import tarfile
-import warnings
 from pathlib import Path
 
 import pytest
@@ -9,67 +7,7 @@ import pytest
 from vcpud.cpuset import CpuSet
 from vcpud.topology import Cpu, Topology, format_parse, format_summary, read_topology
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED = REPO_ROOT / ".." / "shared" / "topologies"
-DUMPS = sorted(p.name[: -len(".tar.gz")] for p in SHARED.glob("*.tar.gz")) if SHARED.is_dir() else []
-
-
-def _missing(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true: the topology dumps are required)")
-    pytest.skip(reason)
-
-
-def _safe_members(tar: tarfile.TarFile):
-    """Fallback for Pythons without extraction filters: plain files and dirs inside the archive only."""
-    for m in tar:
-        parts = Path(m.name).parts
-        if (m.isfile() or m.isdir()) and not Path(m.name).is_absolute() and ".." not in parts:
-            yield m
-
-
-def _unpack(archive: Path, dest: Path) -> Path:
-    skipped = []
-    with tarfile.open(archive) as tar:
-        if hasattr(tarfile, "data_filter"):
-            for member in tar:
-                try:
-                    tar.extract(member, dest, filter="data")
-                except (tarfile.TarError, OSError) as e:
-                    # Dumps of /sys can hold odd entries (links leaving the tree, devices...);
-                    # none of them is a file the topology reader needs.
-                    skipped.append(f"{member.name}: {e}")
-        else:
-            tar.extractall(dest, members=_safe_members(tar))
-    if skipped:
-        warnings.warn(f"{archive.name}: skipped {len(skipped)} entries, e.g. {skipped[0]}", stacklevel=2)
-    root = dest / archive.name[: -len(".tar.gz")]
-    assert root.is_dir(), f"{archive} did not unpack to {root.name}/"
-    return root
-
-
-@pytest.fixture(scope="session")
-def unpacked(tmp_path_factory):
-    """name -> unpacked sysroot, each archive extracted once per session."""
-    base = tmp_path_factory.mktemp("topologies")
-    roots: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in roots:
-            roots[name] = _unpack(SHARED / f"{name}.tar.gz", base)
-        return roots[name]
-
-    return get
-
-
-DUMP_PARAMS = DUMPS or [pytest.param(None, id="no-dumps")]
-
-
-@pytest.fixture(params=DUMP_PARAMS)
-def dump(request, unpacked):
-    if request.param is None:
-        _missing(f"no topology dumps (*.tar.gz) in {SHARED.resolve()}")
-    return request.param, unpacked(request.param)
+from tests.conftest import DUMPS, SHARED_TOPOLOGIES as SHARED, skip_or_fail as _missing
 
 
 @pytest.fixture(scope="session")
@@ -340,7 +278,6 @@ def test_missing_cpu_directory_is_an_error(tmp_path):
 # --- live host ---------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not Path("/sys/devices/system/cpu/online").is_file(), reason="no Linux sysfs on this host")
 def test_live_host():
     t = read_topology(Path("/"))
     online = CpuSet.parse(Path("/sys/devices/system/cpu/online").read_text())

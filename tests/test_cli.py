@@ -1,0 +1,123 @@
+"""The vcpud command as an operator runs it: exit codes, output, and errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED_TOPOLOGIES, run_vcpud
+from vcpud.cpuset import CpuSet
+
+ONLINE = CpuSet.parse(Path("/sys/devices/system/cpu/online").read_text().strip())
+OFFLINE_CPU = max(ONLINE) + 1
+
+
+def test_topology_parse_matches_lscpu_for_every_dump(dump):
+    name, root = dump
+    p = run_vcpud("topology", "--sysroot", str(root), "--parse")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == (SHARED_TOPOLOGIES / f"{name}.parse").read_text()
+    p = run_vcpud("topology", "--sysroot", str(root), "--parse", "--physical")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == (SHARED_TOPOLOGIES / f"{name}.parse-physical").read_text()
+
+
+def test_topology_summary_and_json_of_this_host():
+    p = run_vcpud("topology")
+    assert p.returncode == 0, p.stderr
+    assert "ocket" in p.stdout and ONLINE.format() in p.stdout
+    j = run_vcpud("topology", "--json")
+    assert j.returncode == 0, j.stderr
+    assert json.loads(j.stdout)["online"] == ONLINE.format()
+
+
+def test_topology_bad_sysroot(tmp_path):
+    p = run_vcpud("topology", "--sysroot", str(tmp_path / "nope"))
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "nope" in p.stderr
+
+
+def test_check_example_config():
+    repo = Path(__file__).resolve().parents[1]
+    p = run_vcpud("check", "--config", str(repo / "config" / "vcpud.yaml"))
+    assert p.returncode == 0, p.stderr
+    assert "OK" in p.stdout
+
+
+GOOD = """\
+policies:
+  - name: a
+    match: {name: a}
+    vcpupin: {0: "0"}
+"""
+
+# (name, main file, {extra files}, expected line:col, expected words in the message)
+BROKEN = [
+    ("yaml-syntax", "policies:\n  - name: a\n    match: {name: [a\n", {}, "4:1", ["YAML"]),
+    ("unknown-key", "policies:\n  - name: a\n    match: {}\n    vcpupinn: {0: 0}\n", {}, "4:5",
+     ["vcpupinn", "did you mean 'vcpupin'"]),
+    ("duplicate-key", "policies:\n  - name: a\n    match: {}\n    name: b\n", {}, "4:5", ["duplicate key 'name'"]),
+    ("wrong-type", "policies: web\n", {}, "1:11", ["policies"]),
+    ("bool-cpus", "policies:\n  - name: a\n    match: {}\n    affinity: on\n", {}, "4:15", ["affinity"]),
+    ("bad-cpu-token", "policies:\n  - name: a\n    match: {}\n    emulatorpin: \"3-x\"\n", {}, "4:18",
+     ["'3-x'", "emulatorpin"]),
+    ("cpu-offline", f"policies:\n  - name: a\n    match: {{}}\n    vcpus: \"{OFFLINE_CPU}\"\n", {}, "4:12",
+     [f"CPU {OFFLINE_CPU} is not online"]),
+    ("duplicate-policy", GOOD + "  - name: a\n    match: {}\n", {}, "5:11", ["'a'", "vcpud.yaml:2)"]),
+    ("missing-match", "policies:\n  - name: a\n    affinity: \"0\"\n", {}, "2:5", ["match"]),
+    ("bad-regex", "policies:\n  - name: a\n    match: {cmdline: \"(\"}\n", {}, "3:22", ["cmdline"]),
+    ("include-nothing", "include: policies.d/*.yaml\n" + GOOD, {}, "1:10", ["matches no file"]),
+    ("include-unreadable", "include: policies.d/*.yaml\n" + GOOD, {"policies.d/x.yaml": b"\xff\xfe bad"}, "1:10",
+     ["x.yaml"]),
+    ("error-in-include", "include: policies.d/*.yaml\n" + GOOD,
+     {"policies.d/10-web.yaml": "policies:\n  - name: web\n    match: {}\n    affinty: \"0\"\n"}, "4:5",
+     ["affinty", "did you mean 'affinity'"]),
+]
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=[c[0] for c in BROKEN])
+@pytest.mark.parametrize("command", ["check", "apply"])
+def test_broken_configs_give_positions_no_traceback(tmp_path, case, command):
+    name, main, extra, linecol, words = case
+    cfg = tmp_path / "vcpud.yaml"
+    cfg.write_text(main)
+    expect_file = str(cfg)
+    for rel, content in extra.items():
+        f = tmp_path / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        (f.write_bytes if isinstance(content, bytes) else f.write_text)(content)
+        if name == "error-in-include":
+            expect_file = str(f)
+    p = run_vcpud(command, "--config", str(cfg))
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    lines = [l for l in p.stderr.splitlines() if l.startswith(f"{expect_file}:{linecol}: ")]
+    assert lines, f"no {expect_file}:{linecol}: line in:\n{p.stderr}"
+    for w in words:
+        assert any(w in l for l in lines), f"{w!r} not in {lines}"
+    assert p.stdout == ""  # nothing was applied
+
+
+def test_every_error_is_reported_at_once(tmp_path):
+    cfg = tmp_path / "vcpud.yaml"
+    cfg.write_text(textwrap.dedent("""\
+        policies:
+          - name: a
+            match: {}
+            vcpupin: {0: "x"}
+            emulatorpin: "5-2"
+          - name: a
+            match: {nam: b}
+        """))
+    p = run_vcpud("check", "--config", str(cfg))
+    assert p.returncode == 2
+    positions = [l.split(": ", 1)[0] for l in p.stderr.splitlines() if l.startswith(str(cfg))]
+    assert positions == [f"{cfg}:4:18", f"{cfg}:5:18", f"{cfg}:6:11", f"{cfg}:7:13"], p.stderr
+
+
+def test_missing_config(tmp_path):
+    p = run_vcpud("check", "--config", str(tmp_path / "absent.yaml"))
+    assert p.returncode == 2 and f"{tmp_path / 'absent.yaml'}:1:1:" in p.stderr and "Traceback" not in p.stderr
