@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -58,7 +59,8 @@ def cmd_topology(args: argparse.Namespace) -> int:
     elif args.parse or args.physical:
         sys.stdout.write(format_parse(topo, physical=args.physical))
     else:
-        sys.stdout.write(format_summary(topo))
+        summary = format_summary(topo)
+        sys.stdout.write(summary if summary.endswith("\n") else summary + "\n")
     return EXIT_OK
 
 
@@ -143,7 +145,7 @@ def ps_json(found: Scan, plans: Sequence[VMPlan]) -> dict[str, Any]:
 
 
 def _cut(s: str, n: int) -> str:
-    return s if len(s) <= n else s[: n - 1] + "…"
+    return s if len(s) <= n else s[: n - 1] + "+"
 
 
 def ps_table(plans: Sequence[VMPlan]) -> str:
@@ -151,10 +153,10 @@ def ps_table(plans: Sequence[VMPlan]) -> str:
     for vp in plans:
         vm = vp.vm
         s = vm.smp
-        topo = f"{s.cpus} vCPUs ({s.sockets}s×{s.cores}c×{s.threads}t)"
+        topo = f"{s.cpus} vCPUs ({s.sockets}s/{s.cores}c/{s.threads}t)"
         out.append(_cut(f"{vm.display_name}  pid {vm.pid}  user {vm.user or vm.uid}  "
                         f"policy {vp.policy or 'unmanaged'}  {topo}", 80))
-        out.append(f"  {'TID':>7}  {'ROLE':<12} {'PSR':>3}  {'AFFINITY':<16} {'WANT':<16} {'COMM':<15}")
+        out.append(f"  {'TID':>7}  {'ROLE':<12} {'PSR':>3}  {'AFFINITY':<16} {'WANT':<16} COMM")
         for t in vm.threads:
             a = vp.wanted(t.tid)
             want = a.cpus.format() if a else "-"
@@ -170,7 +172,8 @@ def ps_table(plans: Sequence[VMPlan]) -> str:
 
 
 def _hint_unreadable(found: Scan) -> None:
-    if found.unreadable:
+    # As root, an unreadable exe is some special process (a sandbox's init), not a VM.
+    if found.unreadable and os.geteuid() != 0:
         print(f"vcpud: {found.unreadable} processes could not be inspected; run as root to see every VM",
               file=sys.stderr)
 
