@@ -16,7 +16,9 @@ from .discovery import VM, Scan, scan
 from .engine import Report, reconcile
 from .pinning import OsAffinity, Outcome
 from .placement import VMPlan, plan
+from .policy import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .procfs import Procfs
+from .topology import format_parse, format_summary, read_topology
 
 log = logging.getLogger(__name__)
 
@@ -24,19 +26,15 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def _online(sysroot: Path) -> CpuSet:
-    from .topology import read_topology
-
     return read_topology(sysroot).online
 
 
-def _load(path: Path | None, online: CpuSet, required: bool) -> Any:
+def _load(path: Path | None, online: CpuSet, required: bool) -> Config | None:
     """The config, or None (printed errors) when it does not load."""
-    from .policy import DEFAULT_CONFIG_PATH, ConfigError, Config, load_config, DEFAULT_EXECUTABLES
-
     target = path or DEFAULT_CONFIG_PATH
     if path is None and not required and not target.exists():
         print(f"vcpud: no {target}: showing VMs without policies", file=sys.stderr)
-        return Config(executables=tuple(DEFAULT_EXECUTABLES), policies=(), rescan_interval=10.0, files=())
+        return Config()
     try:
         return load_config(target, online=online)
     except ConfigError as e:
@@ -47,8 +45,6 @@ def _load(path: Path | None, online: CpuSet, required: bool) -> Any:
 
 # --- topology -----------------------------------------------------------------------
 def cmd_topology(args: argparse.Namespace) -> int:
-    from .topology import format_parse, format_summary, read_topology
-
     try:
         topo = read_topology(Path(args.sysroot))
     except (OSError, ValueError) as e:

@@ -44,15 +44,11 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .cpuset import CpuSet, CpuSetError
+from .discovery import DEFAULT_EXECUTABLES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_PATH = Path("/etc/vcpud/vcpud.yaml")
-DEFAULT_EXECUTABLES: tuple[str, ...] = (
-    "/usr/bin/qemu-system-*",
-    "/usr/libexec/qemu-kvm",
-    "/usr/bin/kvm",
-)
 DEFAULT_RESCAN_INTERVAL = 10.0
 # Longer waits overflow some timer APIs and are surely a typo anyway.
 MAX_RESCAN_INTERVAL = 86400.0
