@@ -288,24 +288,28 @@ def kvm_run_fd(syscall: str | None, ioctl_nr: int, kvm_run: int) -> int | None:
     return None
 
 
+def _thread(t: ThreadSnapshot, role: Role, how: str = "name", **kw: object) -> Thread:
+    return Thread(tid=t.tid, comm=t.comm, role=role, how=how, processor=t.processor, affinity=t.affinity,
+                  utime=t.utime, stime=t.stime, **kw)  # type: ignore[arg-type]
+
+
 def base_role(t: ThreadSnapshot) -> Thread | None:
     """Role from flags and name alone; None when the name says nothing (no debug-threads)."""
-    common = dict(tid=t.tid, comm=t.comm, processor=t.processor, affinity=t.affinity, utime=t.utime, stime=t.stime)
     # Kernel workers attached to the process (kvm-nx-lpage-recovery, vhost since 6.4) carry
     # PF_USER_WORKER; kvm-nx-lpage-re's /proc/TID/syscall shows the registers it was
     # copied from (a vCPU's KVM_RUN), so it must be recognised before looking there.
     if t.flags & (PF_USER_WORKER | PF_KTHREAD) or t.comm.startswith("kvm-nx-lpage"):
         if t.comm.startswith("vhost-"):
-            return Thread(role=Role.VHOST, how="flags", **common)
-        return Thread(role=Role.KERNEL, how="flags", **common)
+            return _thread(t, Role.VHOST, "flags")
+        return _thread(t, Role.KERNEL, "flags")
     m = _VCPU_NAME.match(t.comm)
     if m:
-        return Thread(role=Role.VCPU, vcpu=int(m.group(1)), **common)
+        return _thread(t, Role.VCPU, vcpu=int(m.group(1)))
     if t.comm.startswith("IO "):
         ident = t.comm[3:]
         if ident == "mon_iothread":
-            return Thread(role=Role.EMULATOR, **common)
-        return Thread(role=Role.IOTHREAD, iothread=ident, **common)
+            return _thread(t, Role.EMULATOR)
+        return _thread(t, Role.IOTHREAD, iothread=ident)
     return None
 
 
@@ -343,8 +347,7 @@ def classify(
         fd = kvm_run_fd(syscalls.get(t.tid), ioctl_nr, kvm_run)
         if t.tid != snap.pid and fd is not None and fd in vcpu_fds and vcpu_fds[fd] not in found:
             found.add(vcpu_fds[fd])
-            threads.append(Thread(tid=t.tid, comm=t.comm, role=Role.VCPU, vcpu=vcpu_fds[fd], how="kvm_run",
-                                  processor=t.processor, affinity=t.affinity, utime=t.utime, stime=t.stime))
+            threads.append(_thread(t, Role.VCPU, "kvm_run", vcpu=vcpu_fds[fd]))
         else:
             rest.append(t)
     named_vcpus = any(x.role is Role.VCPU and x.how == "name" for x in threads)
@@ -355,8 +358,7 @@ def classify(
     unsure = not named_vcpus and (not vcpu_fds or bool(set(vcpu_fds.values()) - found))
     for t in rest:
         role = Role.UNKNOWN if unsure and t.tid != snap.pid else Role.EMULATOR
-        threads.append(Thread(tid=t.tid, comm=t.comm, role=role, how="default",
-                              processor=t.processor, affinity=t.affinity, utime=t.utime, stime=t.stime))
+        threads.append(_thread(t, role, "default"))
     threads.sort(key=lambda x: x.tid)
     return VM(
         pid=snap.pid,

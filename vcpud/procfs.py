@@ -6,8 +6,10 @@ import errno
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .cpuset import CpuSet
 
@@ -26,6 +28,17 @@ PF_USER_WORKER = 0x00004000  # kernel-created thread inside a user process (vhos
 
 class Vanished(Exception):
     """The process or thread went away while being read."""
+
+
+@contextmanager
+def _vanishing(what: object) -> Iterator[None]:
+    """Turn "that task is gone" errors into Vanished."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _GONE:
+            raise Vanished(str(what)) from None
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,29 +114,17 @@ class Procfs:
 
     # --- primitive readers ------------------------------------------------------
     def _read(self, path: Path) -> str:
-        try:
+        with _vanishing(path):
             with open(path, "rb") as f:
                 return f.read().decode("utf-8", "replace")
-        except OSError as e:
-            if e.errno in _GONE:
-                raise Vanished(str(path)) from None
-            raise
 
     def _readlink(self, path: Path) -> str:
-        try:
+        with _vanishing(path):
             return os.readlink(path)
-        except OSError as e:
-            if e.errno in _GONE:
-                raise Vanished(str(path)) from None
-            raise
 
     def _listdir(self, path: Path) -> list[str]:
-        try:
+        with _vanishing(path):
             return os.listdir(path)
-        except OSError as e:
-            if e.errno in _GONE:
-                raise Vanished(str(path)) from None
-            raise
 
     def pids(self) -> list[int]:
         return sorted(int(n) for n in os.listdir(self.root) if n.isdigit())
@@ -139,12 +140,8 @@ class Procfs:
 
     def exe_stat(self, pid: int) -> os.stat_result:
         """stat of the running binary itself (works even when it was deleted on disk)."""
-        try:
+        with _vanishing(pid):
             return os.stat(self.root / str(pid) / "exe")
-        except OSError as e:
-            if e.errno in _GONE:
-                raise Vanished(str(pid)) from None
-            raise
 
     def same_mount_ns(self, pid: int) -> bool:
         """Whether the process resolves paths in the same mount namespace as /proc/self."""
