@@ -189,11 +189,29 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- run ----------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+    from .sdnotify import setup_logging
+
+    setup_logging(args.log_level)
+    d = Daemon(args.config or DEFAULT_CONFIG_PATH, sysroot=Path(args.sysroot), proc=Path(args.proc),
+               use_udev=not args.no_udev, use_connector=not args.no_connector)
+    try:
+        d.load()
+    except ConfigError as e:
+        for issue in e.issues:
+            log.error("%s", issue)
+        return EXIT_CONFIG
+    return d.run()
+
+
 # --- main ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vcpud", description="CPU placement for QEMU/KVM guests.")
     ap.add_argument("--version", action="version", version=f"vcpud {__version__}")
-    ap.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    levels = ["debug", "info", "warning", "error"]
+    ap.add_argument("--log-level", default=None, choices=levels, help="default: info for run, else warning")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser, config: bool = True) -> None:
@@ -201,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--config", "-c", type=Path, help="config file (default /etc/vcpud/vcpud.yaml)")
         p.add_argument("--sysroot", default="/", help="root of the sysfs tree to read the topology from")
         p.add_argument("--proc", default="/proc", help=argparse.SUPPRESS)
+        p.add_argument("--log-level", default=argparse.SUPPRESS, choices=levels)
 
     p = sub.add_parser("topology", help="show the host's CPU topology")
     common(p, config=False)
@@ -218,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", "-n", action="store_true", help="show what would change, change nothing")
     p.set_defaults(func=cmd_apply)
 
+    p = sub.add_parser("run", help="the service: watch VMs and keep them pinned (foreground)")
+    common(p)
+    p.add_argument("--no-udev", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-connector", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("ps", help="list VMs, their threads, roles and affinities")
     common(p)
     p.add_argument("--json", action="store_true")
@@ -227,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.log_level = args.log_level or ("info" if args.command == "run" else "warning")
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="vcpud: %(levelname)s: %(message)s")
     try:
         return args.func(args)

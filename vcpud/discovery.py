@@ -485,3 +485,16 @@ def scan(procfs: Procfs, executables: Sequence[str] = DEFAULT_EXECUTABLES, pids:
             log.warning("cannot read pid %d: %s", pid, e)
     return Scan(vms=tuple(vms), rejected=tuple(rejected), vanished=vanished, errors=tuple(errors),
                 unreadable=unreadable)
+
+
+def classify_new_thread(vm: VM, t: ThreadSnapshot) -> Thread | None:
+    """Role of a thread that appeared in a known VM, from what it shows now (pure).
+
+    None when only a look at the whole process can tell (qemu without thread names).
+    """
+    r = base_role(t)
+    if r is not None:
+        return r
+    if t.tid == vm.pid or any(x.role is Role.VCPU and x.how == "name" for x in vm.threads):
+        return _thread(t, Role.EMULATOR, "default")
+    return None
