@@ -355,6 +355,7 @@ class Daemon:
     def rescan(self, reason: str) -> None:
         """Full scan of /proc: new VMs, lost events, and drift."""
         self.stats.rescans += 1
+        log.debug("full scan (%s)", reason)
         if reason == "rescan":
             self.stats.count_event("rescan")
         found = scan(self.procfs, self.config.executables)

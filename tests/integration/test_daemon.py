@@ -1,0 +1,260 @@
+"""`vcpud run` against real qemu guests: event-driven pinning, hotplug, drift, reload, sd_notify, storms."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import skip_or_fail
+from tests.daemon_harness import DaemonProc, Qmp
+from tests.integration.test_apply_qemu import ONLINE, need_host
+from tests.qemu import Guest, start_guest
+
+pytestmark = pytest.mark.qemu
+
+POLICY = """\
+rescan_interval: {rescan}
+policies:
+  - name: core8
+    match: {{name: "core*"}}
+    vcpupin: {{0: "0", 1: "1"}}
+    vcpus: "1"
+    emulatorpin: "0"
+    iothreadpin: "1"
+  - name: web
+    match: {{name: "web*"}}
+    affinity: "{web}"
+"""
+
+
+def write_config(path: Path, rescan: str = "1h", web: str = "0") -> Path:
+    path.write_text(POLICY.format(rescan=rescan, web=web))
+    return path
+
+
+def expected(comm: str, web: str = "0") -> str | None:
+    """What the test policy wants for a thread of a core8 guest, by its name."""
+    m = re.match(r"CPU (\d+)/KVM", comm)
+    if m:
+        return {0: "0", 1: "1"}.get(int(m.group(1)), "1")
+    if comm.startswith("IO ") and comm != "IO mon_iothread":  # the monitor's IO thread is the emulator's
+        return "1"
+    if comm.startswith("kvm-nx"):
+        return None
+    return "0"
+
+
+def mismatches(g: Guest, want) -> dict[str, tuple[str, str]]:
+    out = {}
+    for tid, comm in g.threads().items():
+        w = want(comm)
+        try:
+            have = g.affinity(tid)
+        except OSError:
+            continue
+        if w is not None and have != w:
+            out[f"{tid} {comm}"] = (have, w)
+    return out
+
+
+def wait_until_pinned(g: Guest, want, timeout: float) -> float:
+    """Seconds until every thread of ``g`` is where ``want(comm)`` says; fails after ``timeout``."""
+    t0 = time.monotonic()
+    while True:
+        bad = mismatches(g, want)
+        if not bad:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"not pinned after {timeout}s: {bad}")
+        time.sleep(0.001)
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    need_host()
+    started: list[DaemonProc] = []
+
+    def start(config: Path, *extra: str) -> DaemonProc:
+        d = DaemonProc(tmp_path, config, *extra)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def guests(tmp_path):
+    made: list[Guest] = []
+
+    def start(name, *args, **kw) -> Guest:
+        g = start_guest(tmp_path, name, *args, **kw)
+        made.append(g)
+        return g
+
+    yield start
+    for g in made:
+        g.kill()
+
+
+def test_new_guests_pinned_by_events_without_rescan(tmp_path, daemon_factory, guests):
+    cfg = write_config(tmp_path / "vcpud.yaml", rescan="1h")
+    d = daemon_factory(cfg)
+    # start returns once the vCPU threads exist; the daemon must already be on it
+    t0 = time.monotonic()
+    core = guests("core8", "-object", "iothread,id=io1", smp="4,sockets=1,cores=2,threads=2")
+    web = guests("web1", smp="2")
+    wait_until_pinned(core, expected, timeout=1.0)
+    wait_until_pinned(web, lambda c: None if c.startswith("kvm-nx") else "0", timeout=1.0)
+    elapsed = time.monotonic() - t0
+    log = d.log()
+    assert "full scan (startup)" in log and "full scan (rescan)" not in log, log
+    assert d.alive()
+    print(f"two guests started and pinned in {elapsed:.3f}s")
+    assert "found VM core8" in log and "found VM web1" in log
+
+
+def test_vcpu_hotplug_and_iothread_object_add(tmp_path, daemon_factory, guests):
+    cfg = write_config(tmp_path / "vcpud.yaml", rescan="1h")
+    daemon_factory(cfg)
+    qmp_path = tmp_path / "qmp.sock"
+    g = guests("core-hot", "-qmp", f"unix:{qmp_path},server=on,wait=off", smp="2,maxcpus=4")
+    wait_until_pinned(g, expected, timeout=1.0)
+    qmp = Qmp(qmp_path)
+    try:
+        free = [c for c in qmp.cmd("query-hotpluggable-cpus") if "qom-path" not in c]
+        assert free, "no hotpluggable CPU slot"
+        slot = sorted(free, key=lambda c: sorted(c["props"].items()))[0]
+        before = set(g.threads())
+        t0 = time.monotonic()
+        qmp.cmd("device_add", driver=slot["type"], id="hotcpu", **slot["props"])
+        new = None
+        while new is None and time.monotonic() - t0 < 2:
+            new = next((t for t, c in g.threads().items() if t not in before and c.startswith("CPU ")), None)
+        assert new is not None, f"no new vCPU thread: {g.threads()}"
+        comm = g.threads()[new]
+        want = expected(comm)
+        while g.affinity(new) != want:
+            assert time.monotonic() - t0 < 0.1, f"{comm} not pinned to {want} within 100 ms: {g.affinity(new)}"
+            time.sleep(0.0005)
+        hot_ms = (time.monotonic() - t0) * 1000
+        print(f"hotplugged {comm} pinned {hot_ms:.1f} ms after device_add was sent")
+
+        qmp.cmd("object-add", **{"qom-type": "iothread", "id": "io9"})
+        t0 = time.monotonic()
+        while True:
+            io = [t for t, c in g.threads().items() if c == "IO io9"]
+            if io and g.affinity(io[0]) == "1":
+                break
+            assert time.monotonic() - t0 < 1.0, f"IO io9 not pinned: {g.threads()}"
+            time.sleep(0.001)
+    finally:
+        qmp.close()
+
+
+def test_drift_put_back_within_one_rescan(tmp_path, daemon_factory, guests):
+    cfg = write_config(tmp_path / "vcpud.yaml", rescan="1s")
+    d = daemon_factory(cfg)
+    g = guests("core-drift", smp="2")
+    wait_until_pinned(g, expected, timeout=1.0)
+    vcpu1 = next(t for t, c in g.threads().items() if c == "CPU 1/KVM")
+    subprocess.run(["taskset", "-pc", "0", str(vcpu1)], check=True, capture_output=True)
+    assert g.affinity(vcpu1) == "0"
+    t0 = time.monotonic()
+    while g.affinity(vcpu1) != "1":
+        assert time.monotonic() - t0 < 1.5, "drift not corrected within one rescan interval"
+        time.sleep(0.01)
+    print(f"drift corrected after {time.monotonic() - t0:.2f}s")
+    deadline = time.monotonic() + 2
+    while "put back" not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert re.search(rf"tid {vcpu1} \(vcpu 1\) had been moved to 0; put back on 1", d.log()), d.log()
+
+
+def test_reload_applies_new_policy_and_survives_a_broken_one(tmp_path, daemon_factory, guests):
+    cfg = write_config(tmp_path / "vcpud.yaml", rescan="1h", web="0")
+    d = daemon_factory(cfg)
+    g = guests("web-reload", smp="2")
+    web = lambda want: (lambda c: None if c.startswith("kvm-nx") else want)  # noqa: E731
+    wait_until_pinned(g, web("0"), timeout=1.0)
+
+    write_config(cfg, rescan="1h", web="1")
+    n = len(d.notify.messages)
+    d.hup()
+    wait_until_pinned(g, web("1"), timeout=2.0)
+    d.notify.wait_for(lambda m: m.get("READY") == "1", start=n)
+    assert re.search(r"reloaded: 2 policies; [1-9]\d* VMs re-pinned, [1-9]\d* threads changed", d.log()), d.log()
+
+    cfg.write_text(cfg.read_text().replace('affinity: "1"', 'affinity: "0"\n    bogus: [') )
+    n = len(d.notify.messages)
+    d.hup()
+    ready = d.notify.wait_for(lambda m: m.get("READY") == "1", start=n)
+    assert d.alive()
+    assert "reload failed" in ready.get("STATUS", ""), ready
+    assert re.search(rf"{re.escape(str(cfg))}:\d+:\d+: ", d.log()), d.log()
+    time.sleep(0.2)
+    assert not mismatches(g, web("1")), "a failed reload changed affinities"
+
+
+def test_notify_sequence(tmp_path, daemon_factory):
+    cfg = write_config(tmp_path / "vcpud.yaml")
+    d = daemon_factory(cfg)
+    d.hup()
+    d.notify.wait_for(lambda m: m.get("RELOADING") == "1")
+    d.notify.wait_for(lambda m: m.get("READY") == "1", start=1)
+    t0 = time.monotonic()
+    rc = d.stop()
+    assert rc == 0 and time.monotonic() - t0 < 1.0
+    seq = [k for m in d.notify.messages for k in ("READY", "RELOADING", "STOPPING") if m.get(k) == "1"]
+    assert seq == ["READY", "RELOADING", "READY", "STOPPING"], d.notify.messages
+    reloading = next(m for m in d.notify.messages if m.get("RELOADING") == "1")
+    usec = int(reloading["MONOTONIC_USEC"])
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert 0 < now - usec < 30_000_000
+    assert all("STATUS" in m for m in d.notify.messages if m.get("READY") == "1")
+
+
+def test_sigint_exits_zero_and_leaves_pins(tmp_path, daemon_factory, guests):
+    cfg = write_config(tmp_path / "vcpud.yaml")
+    d = daemon_factory(cfg)
+    g = guests("web-stays", smp="1")
+    wait_until_pinned(g, lambda c: None if c.startswith("kvm-nx") else "0", timeout=1.0)
+    d.proc.send_signal(signal.SIGINT)
+    assert d.proc.wait(timeout=1.0) == 0
+    assert not mismatches(g, lambda c: None if c.startswith("kvm-nx") else "0")
+
+
+def test_storm_of_50_guests_and_a_kill_mid_pinning(tmp_path, daemon_factory):
+    if os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") < 8 << 30:
+        skip_or_fail("needs 8 GiB of memory for 50 guests")
+    cfg = write_config(tmp_path / "vcpud.yaml", rescan="5s")
+    d = daemon_factory(cfg)
+    before = d.counts()
+    gs: list[Guest] = []
+    try:
+        victim = start_guest(tmp_path, "web-victim", smp="2", wait_vcpus=False)
+        for i in range(50):
+            gs.append(start_guest(tmp_path, f"web-storm{i}", smp="2", wait_vcpus=False))
+            if i == 0:
+                victim.kill()  # killed while the daemon is busy with its creation
+        t0 = time.monotonic()
+        deadline = t0 + 30
+        for g in gs:
+            wait_until_pinned(g, lambda c: None if c.startswith("kvm-nx") else "0",
+                              timeout=max(0.1, deadline - time.monotonic()))
+        print(f"50 guests pinned {time.monotonic() - t0:.2f}s after the last one was started")
+        assert d.alive()
+    finally:
+        for g in gs:
+            g.kill()
+    time.sleep(1.5)
+    after = d.counts()
+    assert d.alive()
+    assert after == before, f"daemon (threads, fds) before {before}, after {after}"
