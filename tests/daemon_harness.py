@@ -82,7 +82,8 @@ class DaemonProc:
         return self.proc.pid
 
     def log(self) -> str:
-        self.log_file.flush()
+        if not self.log_file.closed:
+            self.log_file.flush()
         return self.log_path.read_text()
 
     def alive(self) -> bool:

@@ -8,6 +8,7 @@ import selectors
 import signal
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -60,6 +61,8 @@ class Stats:
     overruns: int = 0
     reloads_ok: int = 0
     reloads_failed: int = 0
+    # seconds from the kernel's COMM/FORK event to the thread's affinity being set
+    pin_latency: deque = field(default_factory=lambda: deque(maxlen=100_000))
 
     def count_event(self, source: str, n: int = 1) -> None:
         self.events[source] = self.events.get(source, 0) + n
@@ -199,6 +202,10 @@ class Daemon:
             while not self.stop_requested:
                 self.turn()
             self.notifier.stopping()
+            lat = sorted(self.stats.pin_latency)
+            if lat:
+                log.info("pin latency from event: n=%d p50=%.0fus p99=%.0fus max=%.0fus", len(lat),
+                         lat[len(lat) // 2] * 1e6, lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6, lat[-1] * 1e6)
             log.info("stopping; pins are left in place")
             return 0
         finally:
@@ -250,11 +257,11 @@ class Daemon:
 
         try:
             events = self.connector.read()
-        except Overrun:
+        except Overrun as e:
             self.stats.overruns += 1
             log.warning("proc connector overrun: events lost, rescanning")
             self.next_rescan = self.clock()
-            return
+            events = e.events
         self.stats.count_event("proc_connector", len(events))
         for ev in events:
             try:
@@ -267,7 +274,7 @@ class Daemon:
         if what == "comm":
             if ev.tgid in self.vms:
                 self.unnamed.pop(ev.pid, None)
-                self.pin_thread(self.vms[ev.tgid], ev.pid)
+                self.pin_thread(self.vms[ev.tgid], ev.pid, ev.timestamp_ns)
             elif ev.tgid not in self.not_vm:
                 self.consider(ev.tgid)
         elif what == "fork":
@@ -358,7 +365,9 @@ class Daemon:
         log.debug("full scan (%s)", reason)
         if reason == "rescan":
             self.stats.count_event("rescan")
-        found = scan(self.procfs, self.config.executables)
+        # After a reload every VM is read afresh: its policy may now want other threads.
+        known = {pid: st.vm for pid, st in self.vms.items()} if reason == "rescan" else None
+        found = scan(self.procfs, self.config.executables, known=known)
         self.stats.vanished += found.vanished
         alive = {vm.pid for vm in found.vms}
         for pid in list(self.vms):
@@ -403,7 +412,7 @@ class Daemon:
             self.due[vm.pid] = self.clock() + FOLLOWUP_DELAYS[st.followup]
             st.followup += 1
 
-    def pin_thread(self, st: VMState, tid: int) -> None:
+    def pin_thread(self, st: VMState, tid: int, event_ns: int = 0) -> None:
         """Fast path: one new or renamed thread of a known VM."""
         snap = self.procfs.thread(st.vm.pid, tid)
         t = classify_new_thread(st.vm, snap)
@@ -423,7 +432,11 @@ class Daemon:
         if not usable:
             return
         a = Assignment(pid=st.vm.pid, tid=tid, label=t.label, role=t.role, cpus=usable, rule=rule)
-        self._record(st, a, self._pin(st.vm, st.policy.name, a))
+        r = self._pin(st.vm, st.policy.name, a)
+        if event_ns and r.outcome is Outcome.PINNED:
+            # the connector's timestamp is ktime_get_ns(): CLOCK_MONOTONIC
+            self.stats.pin_latency.append((time.clock_gettime_ns(time.CLOCK_MONOTONIC) - event_ns) / 1e9)
+        self._record(st, a, r)
 
     def _pin(self, vm: VM, policy: str | None, a: Assignment) -> PinResult:
         r = pin_one(a, self.ops)

@@ -14,8 +14,8 @@ import platform
 import pwd
 import re
 import stat
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Iterable, Mapping, Sequence
 
 from .cpuset import CpuSet
 from .procfs import PF_KTHREAD, PF_USER_WORKER, ProcessSnapshot, Procfs, ThreadSnapshot, Vanished
@@ -458,14 +458,49 @@ def snapshot_vm(procfs: Procfs, pid: int, exe: str, arch: str | None = None) -> 
                     user=user_name(snap.uid))
 
 
-def scan(procfs: Procfs, executables: Sequence[str] = DEFAULT_EXECUTABLES, pids: Iterable[int] | None = None) -> Scan:
-    """Find every VM among ``pids`` (default: all of /proc). Never raises for a vanished task."""
+def refresh_vm(procfs: Procfs, vm: VM) -> VM | None:
+    """The same VM with current affinities if nothing else changed, else None. Raises Vanished.
+
+    Cheap path for periodic rescans: same process (start time, executable), same threads
+    with the same names, and every role known. Anything else wants a full snapshot.
+    """
+    if any(t.role is Role.UNKNOWN for t in vm.threads):
+        return None
+    if procfs.stat(vm.pid).starttime != vm.starttime or procfs.exe(vm.pid).removesuffix(_DELETED) != vm.exe:
+        return None
+    tids = procfs.tids(vm.pid)
+    if tids != [t.tid for t in vm.threads]:
+        return None
+    threads = []
+    for t in vm.threads:
+        if procfs.comm(vm.pid, t.tid) != t.comm:
+            return None
+        threads.append(replace(t, affinity=procfs.affinity(vm.pid, t.tid)))
+    return replace(vm, threads=tuple(threads), vanished_threads=0)
+
+
+def scan(
+    procfs: Procfs,
+    executables: Sequence[str] = DEFAULT_EXECUTABLES,
+    pids: Iterable[int] | None = None,
+    known: Mapping[int, VM] | None = None,
+) -> Scan:
+    """Find every VM among ``pids`` (default: all of /proc). Never raises for a vanished task.
+
+    VMs in ``known`` (by pid) that have not changed are refreshed cheaply instead of re-read.
+    """
     vms: list[VM] = []
     rejected: list[Rejected] = []
     errors: list[str] = []
     vanished = unreadable = 0
     for pid in (procfs.pids() if pids is None else pids):
         try:
+            prev = known.get(pid) if known else None
+            if prev is not None:
+                same = refresh_vm(procfs, prev)
+                if same is not None:
+                    vms.append(same)
+                    continue
             exe, why = verify_executable(procfs, pid, executables)
             if exe is None:
                 unreadable += why == UNREADABLE

@@ -62,7 +62,8 @@ class ProcConnectorUnavailable(Exception):
 class Overrun(Exception):
     """The socket overflowed (ENOBUFS): events were lost and the caller must rescan.
 
-    `events` holds what was read before the loss was noticed; they are older than any rescan.
+    `events` holds what that read() got, including the queue it discarded after the loss: all of
+    them are older than the caller's rescan.
     """
 
     def __init__(self, message: str, events: list[ProcEvent] | None = None) -> None:
@@ -221,7 +222,10 @@ class ProcConnector:
             self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
         except OSError:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-        log.debug("proc connector receive buffer: %d bytes", self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        effective = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        # Each queued event costs its skb's truesize (~800 bytes here), never under 512.
+        self._drain_cap = max(MAX_DATAGRAMS_PER_READ, effective // 512)
+        log.debug("proc connector receive buffer: %d bytes", effective)
 
     def _subscribe(self) -> None:
         try:
@@ -233,31 +237,37 @@ class ProcConnector:
                 raise ProcConnectorUnavailable(f"binding to the proc events group needs CAP_NET_ADMIN: {e}") from e
             raise ProcConnectorUnavailable(f"cannot bind the NETLINK_CONNECTOR socket: {e}") from e
         self._portid = self._sock.getsockname()[0]
-        nonces: set[int] = set()
+        # The kernel answers LISTEN with an ack (what == PROC_EVENT_NONE, cn_msg.ack = ours + 1),
+        # multicast to every listener; it stays silent when it ignores us (other PID or user
+        # namespace, no CONFIG_PROC_EVENTS), so a missing ack is the only sign of that.
+        nonces = {self._send_listen()}
+        congested = False
         deadline = time.monotonic() + LISTEN_ACK_TIMEOUT_S
         poller = select.poll()
         poller.register(self._sock, select.POLLIN)
         acked = False
         while not acked:
-            if not nonces:
-                nonces.add(self._send_listen())
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ProcConnectorUnavailable(
                     "no acknowledgement to PROC_CN_MCAST_LISTEN: the kernel ignores listeners outside the "
-                    "initial PID and user namespaces (containers), or lacks CONFIG_PROC_EVENTS"
+                    "initial PID and user namespaces (containers), lacks CONFIG_PROC_EVENTS, or refused "
+                    "us for lack of CAP_NET_ADMIN with nobody else listening to be told"
                 )
             poller.poll(remaining * 1000)
             try:
                 data = self._recv()
             except BlockingIOError:
+                if congested:
+                    # The ack may have been lost with the rest; the queue is empty now, which
+                    # ends netlink's "congested" state (all new messages dropped): ask again.
+                    congested = False
+                    nonces.add(self._send_listen())
                 continue
             except OSError as e:
                 if e.errno != errno.ENOBUFS:
                     raise ProcConnectorUnavailable(f"reading the connector socket failed: {e}") from e
-                # The ack itself may be among the lost messages: ask again.
-                self._overrun_pending = True
-                nonces.add(self._send_listen())
+                self._overrun_pending = congested = True
                 continue
             for item in _decode(data or b""):
                 if isinstance(item, ProcEvent):
@@ -310,8 +320,9 @@ class ProcConnector:
         """The events available now, oldest first; never blocks.
 
         Reads at most MAX_DATAGRAMS_PER_READ datagrams so that an event storm cannot starve the
-        caller; the socket then stays readable. Raises Overrun when the kernel dropped events
-        (the socket works again afterwards).
+        caller; the socket then stays readable. Raises Overrun when the kernel dropped events,
+        having discarded the stale queue (into Overrun.events): the caller rescans, and the
+        next read() returns events from after the loss.
         """
         if self._closed:
             raise ValueError("read() on a closed ProcConnector")
@@ -325,15 +336,33 @@ class ProcConnector:
             except BlockingIOError:
                 break
             except OSError as e:
-                if e.errno == errno.ENOBUFS:
-                    log.debug("proc connector overrun after %d events", len(events))
-                    raise Overrun("process events lost: the connector socket overflowed (ENOBUFS)", events) from e
-                raise
+                if e.errno != errno.ENOBUFS:
+                    raise
+                self._drain(events)
+                log.debug("proc connector overrun: %d stale events", len(events))
+                raise Overrun("process events lost: the connector socket overflowed (ENOBUFS)", events) from e
             if data:
                 events.extend(parse(data))
         if self._events is not None:
             events = [ev for ev in events if ev.what in self._events]
         return events
+
+    def _drain(self, into: list[ProcEvent]) -> None:
+        """Empty the queue after an overrun, so that what read() returns next postdates the loss."""
+        # Kernel quirk: netlink reports ENOBUFS *before* the datagrams still queued, which are
+        # older than the loss; and the socket stays "congested" (drops every new event) until
+        # its queue is empty. The cap only matters if a storm refills it as fast as we read.
+        for _ in range(self._drain_cap):
+            try:
+                data = self._recv()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+                continue
+            if data:
+                into.extend(parse(data))
 
     def close(self) -> None:
         if self._closed:

@@ -111,43 +111,52 @@ class Procfs:
 
     def __init__(self, root: Path = Path("/proc")) -> None:
         self.root = Path(root)
+        # Plain strings: a rescan builds tens of thousands of these paths, and pathlib
+        # costs more than the reads themselves.
+        self._r = str(self.root)
+        # On the live /proc a thread's affinity is one syscall away; formatting
+        # /proc/TID/status for it costs ten times that.
+        self._live = os.path.realpath(self._r) == "/proc"
 
     # --- primitive readers ------------------------------------------------------
-    def _read(self, path: Path) -> str:
+    def _read(self, path: str) -> str:
         with _vanishing(path):
             with open(path, "rb") as f:
                 return f.read().decode("utf-8", "replace")
 
-    def _readlink(self, path: Path) -> str:
+    def _readlink(self, path: str) -> str:
         with _vanishing(path):
             return os.readlink(path)
 
-    def _listdir(self, path: Path) -> list[str]:
+    def _listdir(self, path: str) -> list[str]:
         with _vanishing(path):
             return os.listdir(path)
 
+    def _task(self, pid: int, tid: int | None) -> str:
+        return f"{self._r}/{pid}" if tid is None else f"{self._r}/{pid}/task/{tid}"
+
     def pids(self) -> list[int]:
-        return sorted(int(n) for n in os.listdir(self.root) if n.isdigit())
+        return sorted(int(n) for n in os.listdir(self._r) if n.isdigit())
 
     def exists(self, pid: int) -> bool:
-        return (self.root / str(pid)).exists()
+        return os.path.exists(f"{self._r}/{pid}")
 
     def tids(self, pid: int) -> list[int]:
-        return sorted(int(n) for n in self._listdir(self.root / str(pid) / "task") if n.isdigit())
+        return sorted(int(n) for n in self._listdir(f"{self._r}/{pid}/task") if n.isdigit())
 
     def exe(self, pid: int) -> str:
-        return self._readlink(self.root / str(pid) / "exe")
+        return self._readlink(f"{self._r}/{pid}/exe")
 
     def exe_stat(self, pid: int) -> os.stat_result:
         """stat of the running binary itself (works even when it was deleted on disk)."""
         with _vanishing(pid):
-            return os.stat(self.root / str(pid) / "exe")
+            return os.stat(f"{self._r}/{pid}/exe")
 
     def same_mount_ns(self, pid: int) -> bool:
         """Whether the process resolves paths in the same mount namespace as /proc/self."""
         try:
-            theirs = os.stat(self.root / str(pid) / "ns" / "mnt")
-            ours = os.stat(self.root / "self" / "ns" / "mnt")
+            theirs = os.stat(f"{self._r}/{pid}/ns/mnt")
+            ours = os.stat(f"{self._r}/self/ns/mnt")
         except OSError as e:
             if e.errno in _GONE:
                 raise Vanished(str(pid)) from None
@@ -155,33 +164,44 @@ class Procfs:
         return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
     def cmdline(self, pid: int) -> tuple[str, ...]:
-        raw = self._read(self.root / str(pid) / "cmdline")
+        raw = self._read(f"{self._r}/{pid}/cmdline")
         return tuple(raw.split("\0")[:-1]) if raw.endswith("\0") else tuple(raw.split("\0"))
 
     def stat(self, pid: int, tid: int | None = None) -> StatFields:
-        p = self.root / str(pid) if tid is None else self.root / str(pid) / "task" / str(tid)
-        text = self._read(p / "stat")
+        p = self._task(pid, tid) + "/stat"
+        text = self._read(p)
         if not text:
-            raise Vanished(str(p))
+            raise Vanished(p)
         return parse_stat(text)
 
     def status(self, pid: int, tid: int | None = None) -> dict[str, str]:
-        p = self.root / str(pid) if tid is None else self.root / str(pid) / "task" / str(tid)
-        return parse_status(self._read(p / "status"))
+        return parse_status(self._read(self._task(pid, tid) + "/status"))
+
+    def comm(self, pid: int, tid: int) -> str:
+        return self._read(f"{self._r}/{pid}/task/{tid}/comm").rstrip("\n")
+
+    def affinity(self, pid: int, tid: int) -> CpuSet:
+        if self._live:
+            try:
+                return CpuSet.of(os.sched_getaffinity(tid))
+            except ProcessLookupError:
+                raise Vanished(str(tid)) from None
+        cal = self.status(pid, tid).get("Cpus_allowed_list")
+        return CpuSet.parse(cal) if cal else CpuSet()
 
     def syscall(self, pid: int, tid: int) -> str:
-        return self._read(self.root / str(pid) / "task" / str(tid) / "syscall").strip()
+        return self._read(f"{self._r}/{pid}/task/{tid}/syscall").strip()
 
     def tgid(self, tid: int) -> int:
         """The process a TID belongs to (uevents and netlink may name a thread)."""
         return int(self.status(tid)["Tgid"])
 
     def fd_targets(self, pid: int) -> dict[int, str]:
-        d = self.root / str(pid) / "fd"
+        d = f"{self._r}/{pid}/fd"
         out: dict[int, str] = {}
         for name in self._listdir(d):
             try:
-                out[int(name)] = os.readlink(d / name)
+                out[int(name)] = os.readlink(f"{d}/{name}")
             except OSError:
                 continue  # fd closed between listdir and readlink
         return out
@@ -190,9 +210,6 @@ class Procfs:
     def thread(self, pid: int, tid: int) -> ThreadSnapshot:
         """Snapshot one thread (its syscall is read separately, only where needed)."""
         st = self.stat(pid, tid)
-        status = self.status(pid, tid)
-        cal = status.get("Cpus_allowed_list")
-        affinity = CpuSet.parse(cal) if cal else CpuSet()
         return ThreadSnapshot(
             tid=tid,
             comm=st.comm,
@@ -202,7 +219,7 @@ class Procfs:
             utime=st.utime,
             stime=st.stime,
             starttime=st.starttime,
-            affinity=affinity,
+            affinity=self.affinity(pid, tid),
         )
 
     def syscall_settled(self, pid: int, tid: int, tries: int = 25, pause: float = 0.004) -> str | None:
