@@ -35,6 +35,7 @@ host's through the NSpid lines of the host's /proc.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -64,6 +65,12 @@ COPY_FROM_HOST = ("/etc/ld.so.cache",)
 
 class ContainerError(RuntimeError):
     pass
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM nspawn (an orderly poweroff) if the test process dies without stop()."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def _nspid(pid: int | str) -> list[int] | None:
@@ -138,9 +145,10 @@ class Container:
     def start(self) -> "Container":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._logf = self.log.open("wb")
-        # Own session: no terminal signal of ours reaches it, and stop() can find it by pid.
+        # Own session: no terminal signal of ours reaches it (nspawn would act on ^C/^]).
         self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=self._logf,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         try:
             self.init_pid = self._find_init(deadline=time.monotonic() + 30)
             self.wait_booted(deadline=time.monotonic() + self.boot_timeout)

@@ -145,7 +145,7 @@ class Daemon:
             log.warning("proc connector support missing: %s", e)
             return
         try:
-            self.connector = ProcConnector()
+            self.connector = ProcConnector(events={"fork", "exec", "comm", "exit"})
         except ProcConnectorUnavailable as e:
             log.warning("netlink proc connector unavailable (%s): new threads are found by rescans only", e)
             return

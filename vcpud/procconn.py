@@ -73,6 +73,8 @@ class Overrun(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ProcEvent:
+    """One kernel process event, about one thread."""
+
     what: str  # "fork", "exec", "comm", "exit" or "other"
     pid: int  # the thread concerned; for fork the new (child) thread
     tgid: int  # its process
@@ -165,13 +167,13 @@ def parse(data: bytes) -> list[ProcEvent]:
     """
     try:
         return [item for item in _decode(data) if isinstance(item, ProcEvent)]
-    except struct.error:  # unreachable by construction; parse must still never raise
+    except struct.error:  # every read is bounds-checked first: a backstop for the no-raise promise
         log.exception("unparseable connector buffer of %d bytes", len(data))
         return []
 
 
 def control_message(op: int, ack: int, event_mask: int | None = None, portid: int = 0) -> bytes:
-    """A PROC_CN_MCAST_LISTEN/IGNORE request; with event_mask, the 6.6+ filtered form (struct proc_input)."""
+    """A PROC_CN_MCAST_LISTEN/IGNORE request; with event_mask, the newer filtered form (struct proc_input)."""
     payload = struct.pack("=I", op) if event_mask is None else struct.pack("=II", op, event_mask)
     cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, ack, len(payload), 0) + payload
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(cn), NLMSG_DONE, 0, 0, portid) + cn
@@ -179,6 +181,7 @@ def control_message(op: int, ack: int, event_mask: int | None = None, portid: in
 
 def _ack_error(err: int) -> str:
     if err == errno.EPERM:
+        # Older kernels; newer ones (6.18 here) let anyone listen.
         return "the kernel refused PROC_CN_MCAST_LISTEN (EPERM): needs CAP_NET_ADMIN in the initial user namespace"
     return f"the kernel refused PROC_CN_MCAST_LISTEN: {errno.errorcode.get(err, err)} ({os.strerror(err)})"
 
@@ -189,8 +192,8 @@ class ProcConnector:
     def __init__(self, rcvbuf: int = 4 * 1024 * 1024, events: Collection[str] | None = None) -> None:
         """Open, bind and subscribe; raises ProcConnectorUnavailable.
 
-        events: if given, a subset of EVENT_CODES' names; read() returns only those kinds, and on
-        kernels 6.6+ the kernel filters too (older kernels ignore the filter: filtered here alone).
+        events: if given, a subset of EVENT_CODES' names; read() returns only those kinds, and
+        newer kernels filter too (older ones ignore the request: the filtering is then ours alone).
         """
         if events is not None and not set(events) <= EVENT_CODES.keys():
             raise ValueError(f"events must be among {sorted(EVENT_CODES)}, got {sorted(events)}")
@@ -217,7 +220,8 @@ class ProcConnector:
 
     def _set_rcvbuf(self, size: int) -> None:
         # SO_RCVBUFFORCE (CAP_NET_ADMIN) may exceed net.core.rmem_max; SO_RCVBUF is capped by it.
-        # Either way the kernel doubles the value and raises it to SOCK_MIN_RCVBUF (~4.5 KiB).
+        # Either way the kernel doubles the value and raises it to SOCK_MIN_RCVBUF (2304 bytes on
+        # 6.18 x86_64: about two events).
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
         except OSError:
@@ -251,8 +255,8 @@ class ProcConnector:
             if remaining <= 0:
                 raise ProcConnectorUnavailable(
                     "no acknowledgement to PROC_CN_MCAST_LISTEN: the kernel ignores listeners outside the "
-                    "initial PID and user namespaces (containers), lacks CONFIG_PROC_EVENTS, or refused "
-                    "us for lack of CAP_NET_ADMIN with nobody else listening to be told"
+                    "initial PID and user namespaces (containers), lacks CONFIG_PROC_EVENTS, or (older "
+                    "kernels) refused us for lack of CAP_NET_ADMIN and, nobody else listening, did not say so"
                 )
             poller.poll(remaining * 1000)
             try:
@@ -280,8 +284,8 @@ class ProcConnector:
             mask = 0
             for name in self._events:
                 mask |= EVENT_CODES[name]
-            # Kernels 6.6+ read a struct proc_input and filter per socket; older ones drop the
-            # 8-byte request silently (so read() filters too). Kernel quirk: a filtered socket
+            # Newer kernels (verified on 6.18) read a struct proc_input and filter per socket;
+            # older ones drop the 8-byte request silently (so read() filters too). Kernel quirk: a filtered socket
             # no longer receives acks (their event code 0 matches no filter bit), so there is
             # nothing to wait for here.
             self._send(control_message(PROC_CN_MCAST_LISTEN, 0, mask, self._portid))
@@ -369,8 +373,8 @@ class ProcConnector:
             return
         self._closed = True
         try:
-            # Kernel quirk: the global listener count is only decremented by IGNORE (closing
-            # alone leaves the kernel building events for nobody on older kernels).
+            # Kernel quirk: listeners are counted by LISTEN/IGNORE messages, not by open sockets;
+            # closing without IGNORE can leave the kernel building events for nobody.
             self._sock.sendto(control_message(PROC_CN_MCAST_IGNORE, 0, None, self._portid), (0, 0))
         except OSError as e:
             log.debug("PROC_CN_MCAST_IGNORE failed: %s", e)

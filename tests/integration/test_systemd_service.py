@@ -143,7 +143,10 @@ def _dropin() -> str:
 
 
 def _guest_threads(pid: int) -> dict[int, tuple[str, str]]:
-    """tid -> (comm, Cpus_allowed_list) of the guest's user threads (kernel workers excluded)."""
+    """The guest's user threads (kernel workers excluded), host pid `pid`.
+
+    TID as the container sees it (the journal's TID=) -> (comm, Cpus_allowed_list).
+    """
     out = {}
     for name in os.listdir(f"/proc/{pid}/task"):
         tid = int(name)
@@ -155,7 +158,7 @@ def _guest_threads(pid: int) -> dict[int, tuple[str, str]]:
             continue
         if flags & (PF_KTHREAD | PF_USER_WORKER):
             continue
-        out[tid] = (st["Name"], st["Cpus_allowed_list"])
+        out[int(st["NSpid"].split()[-1])] = (st["Name"], st["Cpus_allowed_list"])
     return out
 
 
@@ -239,7 +242,8 @@ def test_vcpud_service_in_nspawn(container: Container):
     assert (svc2["ActiveState"], svc2["SubState"]) == ("active", "running"), f"{svc2}\n{_diagnostics(c)}"
     assert svc2["MainPID"] == svc["MainPID"] and svc2["NRestarts"] == "0", f"restarted instead of reloaded: {svc2}"
 
-    # The journal has one structured entry per pinned thread, before and after the reload.
+    # The journal has one structured entry per pinned thread, before and after the reload
+    # (TID and VM_PID as vcpud sees them: inside the container).
     tids = {str(t) for t in threads}
     deadline = time.monotonic() + 10
     while True:
