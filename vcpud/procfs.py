@@ -153,15 +153,25 @@ class Procfs:
             return os.stat(f"{self._r}/{pid}/exe")
 
     def same_mount_ns(self, pid: int) -> bool:
-        """Whether the process resolves paths in the same mount namespace as /proc/self."""
+        """Whether the process resolves paths in our mount namespace or the host's (PID 1's).
+
+        Under systemd's sandboxing (ProtectSystem=, PrivateTmp=...) vcpud itself runs in a
+        private mount namespace whose files are the host's: the VMs live in PID 1's.
+        """
         try:
             theirs = os.stat(f"{self._r}/{pid}/ns/mnt")
-            ours = os.stat(f"{self._r}/self/ns/mnt")
         except OSError as e:
             if e.errno in _GONE:
                 raise Vanished(str(pid)) from None
             return False
-        return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+        for ref in ("self", "1"):
+            try:
+                ours = os.stat(f"{self._r}/{ref}/ns/mnt")
+            except OSError:
+                continue
+            if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+                return True
+        return False
 
     def cmdline(self, pid: int) -> tuple[str, ...]:
         raw = self._read(f"{self._r}/{pid}/cmdline")

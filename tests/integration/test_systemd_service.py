@@ -108,7 +108,6 @@ def test_nspawn_harness_boots(container: Container):
     assert props["ActiveState"] == "active", props
     inner = int(props["MainPID"])
     host = c.host_pid(inner)
-    assert host != inner or host > 1
     assert Path(f"/proc/{host}/comm").read_text().strip() == "sleep"
     assert Path(f"/proc/{host}/cmdline").read_bytes().split(b"\0")[:2] == [b"/bin/sleep", b"300"]
     # Files written from the host land in the container's root.
