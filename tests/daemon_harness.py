@@ -62,10 +62,10 @@ class NotifySocket:
 
 
 class DaemonProc:
-    def __init__(self, tmp: Path, config: Path, *extra: str) -> None:
+    def __init__(self, tmp: Path, config: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.notify = NotifySocket(tmp / f"notify-{time.monotonic_ns()}.sock")
         self.log_path = tmp / f"vcpud-{time.monotonic_ns()}.log"
-        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify.path), PYTHONPATH=str(REPO))
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify.path), PYTHONPATH=str(REPO), **(env or {}))
         env.pop("JOURNAL_STREAM", None)
         self.log_file = self.log_path.open("w")
         self.proc = subprocess.Popen(

@@ -80,8 +80,8 @@ def daemon_factory(tmp_path):
     need_host()
     started: list[DaemonProc] = []
 
-    def start(config: Path, *extra: str) -> DaemonProc:
-        d = DaemonProc(tmp_path, config, *extra)
+    def start(config: Path, *extra: str, env: dict[str, str] | None = None) -> DaemonProc:
+        d = DaemonProc(tmp_path, config, *extra, env=env)
         started.append(d)
         return d
 
@@ -219,6 +219,14 @@ def test_notify_sequence(tmp_path, daemon_factory):
     now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     assert 0 < now - usec < 30_000_000
     assert all("STATUS" in m for m in d.notify.messages if m.get("READY") == "1")
+
+
+def test_watchdog_pings_from_the_loop(tmp_path, daemon_factory):
+    cfg = write_config(tmp_path / "vcpud.yaml")
+    d = daemon_factory(cfg, env={"WATCHDOG_USEC": "200000"})  # systemd pings are due every 100 ms
+    time.sleep(1.0)
+    pings = [m for m in d.notify.messages if m.get("WATCHDOG") == "1"]
+    assert 5 <= len(pings) <= 15, len(pings)
 
 
 def test_sigint_exits_zero_and_leaves_pins(tmp_path, daemon_factory, guests):

@@ -110,7 +110,7 @@ def patched(msg: bytes, at: int, fmt: str, *values: int | bytes) -> bytes:
 
 
 # --- parse ------------------------------------------------------------------------------
-@pytest.mark.parametrize("msg, event", zip(CAPTURED[1:], EXPECTED), ids=[e.what for e in EXPECTED])
+@pytest.mark.parametrize("msg, event", list(zip(CAPTURED[1:], EXPECTED)), ids=[e.what for e in EXPECTED])
 def test_each_captured_message(msg, event):
     assert parse(msg) == [event]
 
