@@ -2,7 +2,7 @@
 
 See tests/nspawn.py for how the container is made. Inside it the unit is installed as an
 admin would (/etc/systemd/system/vcpud.service, unchanged) plus a drop-in that only points
-ExecStart at this checkout's venv and makes the venv reachable despite ProtectHome=/PrivateTmp
+ExecStart at this checkout's venv and makes the venv reachable despite ProtectHome= and the private /tmp
 when the checkout or the Python it uses lives under /root, /home or /tmp; every other
 hardening setting is the shipped one.
 
@@ -136,8 +136,10 @@ def _dropin() -> str:
     if home:
         # ProtectHome=yes hides them; a tmpfs home with just these bound in keeps the rest hidden.
         lines += ["ProtectHome=tmpfs", "BindReadOnlyPaths=" + " ".join(shlex.quote(str(p)) for p in home)]
-    if any(_under(p, "/tmp", "/var/tmp") for p in paths):
-        lines.append("PrivateTmp=no")  # a checkout in /tmp would be hidden by the private /tmp
+    tmp = [p for p in paths if _under(p, "/tmp", "/var/tmp")]
+    if tmp:
+        # DynamicUser= implies a PrivateTmp= that cannot be turned off: bind the checkout in.
+        lines.append("BindReadOnlyPaths=" + " ".join(shlex.quote(str(p)) for p in tmp))
     return "\n".join(lines) + "\n"
 
 
