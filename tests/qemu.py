@@ -53,6 +53,14 @@ class Guest:
                 return line.split(":", 1)[1].strip()
         raise AssertionError("no Cpus_allowed_list")
 
+    def unpin(self) -> None:
+        """Allow every thread on every CPU we may use (undo any pinning)."""
+        for tid in self.threads():
+            try:
+                os.sched_setaffinity(tid, os.sched_getaffinity(0))
+            except OSError:
+                pass  # a thread that exited, or a kernel worker that refuses
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)

@@ -6,7 +6,6 @@ Prints the median and p95 over repeated passes; nothing here is asserted.
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import tempfile
@@ -60,11 +59,7 @@ def main() -> None:
 
             def repin():
                 for g in guests:
-                    for tid in g.threads():
-                        try:
-                            os.sched_setaffinity(tid, online.cpus)
-                        except OSError:
-                            pass
+                    g.unpin()
                 t0 = time.perf_counter()
                 reconcile(cfg, online, fs, ops)
                 return time.perf_counter() - t0

@@ -139,11 +139,7 @@ def affinities(g: Guest) -> dict[str, str]:
 
 def reset(*gs: Guest) -> None:
     for g in gs:
-        for tid in g.threads():
-            try:
-                os.sched_setaffinity(tid, ONLINE.cpus)
-            except OSError:
-                pass
+        g.unpin()
 
 
 def test_apply_pins_every_thread_as_the_policy_says(guests, lookalikes, config):
