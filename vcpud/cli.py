@@ -197,6 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     d = Daemon(args.config or DEFAULT_CONFIG_PATH, sysroot=Path(args.sysroot), proc=Path(args.proc),
                use_udev=not args.no_udev, use_connector=not args.no_connector)
+    d.metrics_listen = args.metrics_listen
     try:
         d.load()
     except ConfigError as e:
@@ -239,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the service: watch VMs and keep them pinned (foreground)")
     common(p)
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics there ('off' disables; default from config, 127.0.0.1:9474)")
     p.add_argument("--no-udev", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-connector", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)

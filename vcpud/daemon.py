@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable
 
 from .cpuset import CpuSet
@@ -21,6 +22,9 @@ from .placement import Assignment, plan_vm, rule_for
 from .policy import Config, ConfigError, Policy, load_config
 from .procfs import Procfs, Vanished
 from .sdnotify import Notifier
+from .snapshot import (DURATION_BUCKETS, LATENCY_BUCKETS, Histogram, PoolView, Snapshot, ThreadView,
+                       VMView)
+from . import __version__
 from .topology import read_topology
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,13 @@ class Stats:
     reloads_failed: int = 0
     # seconds from the kernel's COMM/FORK event to the thread's affinity being set
     pin_latency: deque = field(default_factory=lambda: deque(maxlen=100_000))
+    latency_hist: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    reconcile_hist: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
+    # CPU time of vCPU threads pinned to a single CPU, per CPU (seconds, only ever grows)
+    vcpu_seconds: dict[int, float] = field(default_factory=dict)
+    thread_ticks: dict[int, tuple[int, int]] = field(default_factory=dict)  # tid -> (cpu, utime+stime)
+    last_reload_ok: bool = True
+    last_reload_success: float = 0.0  # unix time
 
     def count_event(self, source: str, n: int = 1) -> None:
         self.events[source] = self.events.get(source, 0) + n
@@ -115,6 +126,12 @@ class Daemon:
         self.udev_source = ""
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
+        # What readers (the metrics thread) see: replaced whole, never mutated.
+        self.snapshot = Snapshot(version=__version__)
+        self._dirty = True
+        self.metrics_listen: str | None = None  # overrides the config's metrics.listen
+        self.metrics_server: Any = None
+        self.metrics_address: tuple[str, int] | None = None
 
     # --- setup --------------------------------------------------------------------------
     def load(self) -> None:
@@ -122,6 +139,7 @@ class Daemon:
         self.online = read_topology(self.sysroot).online
         self.config = load_config(self.config_path, online=self.online)
         self.config_time = datetime.now().strftime("%H:%M:%S")
+        self.stats.last_reload_success = time.time()
         log.info("loaded %d policies from %s", len(self.config.policies), ", ".join(self.config.files))
 
     def open_sources(self) -> None:
@@ -192,7 +210,9 @@ class Daemon:
     def run(self) -> int:
         self.open_sources()
         try:
+            self.start_metrics()
             self.rescan("startup")
+            self.publish()
             self.notifier.ready(self.status_line())
             log.info("ready: %s", self.status_line())
             now = self.clock()
@@ -209,6 +229,8 @@ class Daemon:
             log.info("stopping; pins are left in place")
             return 0
         finally:
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
             self.close()
 
     def turn(self) -> None:
@@ -237,6 +259,8 @@ class Daemon:
         if now >= self.next_rescan:
             self.rescan("rescan")
             self.next_rescan = self.clock() + self.config.rescan_interval
+        if self._dirty:
+            self.publish()
 
     def dispatch(self, source: str) -> None:
         if source == "signal":
@@ -362,6 +386,7 @@ class Daemon:
     def rescan(self, reason: str) -> None:
         """Full scan of /proc: new VMs, lost events, and drift."""
         self.stats.rescans += 1
+        t0 = time.perf_counter()
         log.debug("full scan (%s)", reason)
         if reason == "rescan":
             self.stats.count_event("rescan")
@@ -375,9 +400,12 @@ class Daemon:
                 self.vms.pop(pid)
         for vm in found.vms:
             self.apply_vm(vm)
+        self.sample_vcpu_time()
+        self.stats.reconcile_hist.observe(time.perf_counter() - t0)
         self.notifier.status(self.status_line())
 
     def reconcile_pids(self, pids: list[int]) -> None:
+        t0 = time.perf_counter()
         found = scan(self.procfs, self.config.executables, pids)
         self.stats.vanished += found.vanished
         for vm in found.vms:
@@ -385,6 +413,8 @@ class Daemon:
         for pid in pids:
             if pid not in {vm.pid for vm in found.vms}:
                 self.vms.pop(pid, None)
+        self.stats.reconcile_hist.observe(time.perf_counter() - t0)
+        self._dirty = True
 
     def apply_vm(self, vm: VM) -> None:
         prev = self.vms.get(vm.pid)
@@ -435,11 +465,14 @@ class Daemon:
         r = self._pin(st.vm, st.policy.name, a)
         if event_ns and r.outcome is Outcome.PINNED:
             # the connector's timestamp is ktime_get_ns(): CLOCK_MONOTONIC
-            self.stats.pin_latency.append((time.clock_gettime_ns(time.CLOCK_MONOTONIC) - event_ns) / 1e9)
+            lat = (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - event_ns) / 1e9
+            self.stats.pin_latency.append(lat)
+            self.stats.latency_hist.observe(lat)
         self._record(st, a, r)
 
     def _pin(self, vm: VM, policy: str | None, a: Assignment) -> PinResult:
         r = pin_one(a, self.ops)
+        self._dirty = True
         self.stats.pins[r.outcome.value] = self.stats.pins.get(r.outcome.value, 0) + 1
         if r.outcome is Outcome.PINNED:
             log.info("pinned VM %s tid %d (%s) to %s by %s", vm.display_name, a.tid, a.label, a.cpus, a.rule,
@@ -468,6 +501,8 @@ class Daemon:
             new = load_config(self.config_path, online=online)
         except ConfigError as e:
             self.stats.reloads_failed += 1
+            self.stats.last_reload_ok = False
+            self._dirty = True
             for issue in e.issues:
                 log.error("reload: %s", issue)
             self.reload_error = f"reload failed at {datetime.now():%H:%M:%S} ({len(e.issues)} errors, see log)"
@@ -476,11 +511,15 @@ class Daemon:
             return
         except OSError as e:
             self.stats.reloads_failed += 1
+            self.stats.last_reload_ok = False
+            self._dirty = True
             self.reload_error = f"reload failed at {datetime.now():%H:%M:%S}: {e}"
             log.error("reload failed (%s), keeping the running policy", e)
             self.notifier.ready(self.status_line())
             return
         self.stats.reloads_ok += 1
+        self.stats.last_reload_ok = True
+        self.stats.last_reload_success = time.time()
         self.online = online
         old_pins = {(pid, tid): a.cpus for pid, st in self.vms.items() for tid, a in st.wanted.items()}
         self.config = new
@@ -495,6 +534,76 @@ class Daemon:
         log.info("reloaded: %d policies; %d VMs re-pinned, %d threads changed", len(new.policies), len(moved), changed)
         self.next_rescan = self.clock() + self.config.rescan_interval
         self.notifier.ready(self.status_line())
+
+    # --- metrics ------------------------------------------------------------------------
+    def start_metrics(self) -> None:
+        listen = self.metrics_listen or getattr(self.config, "metrics_listen", "off")
+        if listen == "off":
+            return
+        from .metrics import MetricsServer
+
+        server = MetricsServer(lambda: self.snapshot)
+        try:
+            self.metrics_address = server.start(listen)
+        except OSError as e:
+            log.error("cannot serve metrics on %s: %s", listen, e)
+            return
+        self.metrics_server = server
+        log.info("serving metrics on http://%s:%d/metrics", *self.metrics_address)
+
+    def sample_vcpu_time(self) -> None:
+        """Add the CPU time vCPUs pinned to one CPU spent since the last look to that CPU."""
+        tick = os.sysconf("SC_CLK_TCK")
+        seen: dict[int, tuple[int, int]] = {}
+        for st in self.vms.values():
+            for tid, a in st.wanted.items():
+                if a.role is not Role.VCPU or len(a.cpus) != 1:
+                    continue
+                try:
+                    stat = self.procfs.stat(st.vm.pid, tid)
+                except (Vanished, OSError):
+                    continue
+                cpu, ticks = a.cpus.first(), stat.utime + stat.stime
+                prev = self.stats.thread_ticks.get(tid)
+                # Time from before it was pinned there (or from a recycled TID) is nobody's.
+                if prev is not None and prev[0] == cpu and ticks >= prev[1]:
+                    self.stats.vcpu_seconds[cpu] = self.stats.vcpu_seconds.get(cpu, 0.0) + (ticks - prev[1]) / tick
+                seen[tid] = (cpu, ticks)
+        self.stats.thread_ticks = seen
+
+    def publish(self) -> None:
+        """Replace the snapshot readers see (one reference swap: readers never see half of it)."""
+        vms = []
+        for st in self.vms.values():
+            policy = st.policy.name if st.policy else ""
+            threads = []
+            for t in st.vm.threads:
+                a = st.wanted.get(t.tid)
+                state = "pinned" if a is not None else "failed" if t.tid in st.failed else "unpinned"
+                threads.append(ThreadView(role=t.role.value, cpus=a.cpus if a else t.affinity, state=state,
+                                          vcpu=t.vcpu))
+            status = "unmanaged" if not policy else "failed" if st.failed else "pinned"
+            vms.append(VMView(name=st.vm.display_name, uuid=st.vm.uuid or "", policy=policy, status=status,
+                              threads=tuple(threads)))
+        pools = tuple(PoolView(name=p.name, cpus=p.cpus & self.online, allocated=self.pool_allocated(p.name),
+                               exclusive=p.exclusive, waiting=self.pool_waiting(p.name))
+                      for p in getattr(self.config, "pools", {}).values())
+        s = self.stats
+        self.snapshot = Snapshot(
+            version=__version__, taken_at=time.time(), online=self.online, vms=tuple(vms), pools=pools,
+            vcpu_seconds=MappingProxyType(dict(s.vcpu_seconds)), pin_operations=MappingProxyType(dict(s.pins)),
+            drift_corrections=s.drift_corrections, events=MappingProxyType(dict(s.events)),
+            pin_latency=s.latency_hist.view(), reconcile_duration=s.reconcile_hist.view(),
+            config_last_reload_successful=s.last_reload_ok,
+            config_last_reload_success_timestamp=s.last_reload_success,
+        )
+        self._dirty = False
+
+    def pool_allocated(self, pool: str) -> CpuSet:
+        return CpuSet()
+
+    def pool_waiting(self, pool: str) -> int:
+        return 0
 
     # --- reporting ----------------------------------------------------------------------
     def status_line(self) -> str:
