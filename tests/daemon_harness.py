@@ -69,7 +69,9 @@ class DaemonProc:
         env.pop("JOURNAL_STREAM", None)
         self.log_file = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vcpud", "run", "--config", str(config), "--log-level", "debug", *extra],
+            [sys.executable, "-m", "vcpud", "run", "--config", str(config), "--log-level", "debug",
+             # tests run many daemons: none takes the default metrics port unless asked to
+             *(() if "--metrics-listen" in extra else ("--metrics-listen", "off")), *extra],
             stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=subprocess.STDOUT, env=env)
         try:
             self.notify.wait_for(lambda m: m.get("READY") == "1", timeout=30)
