@@ -110,6 +110,7 @@ class Daemon:
         self.config: Config = Config()
         self.config_time = ""
         self.reload_error = ""
+        self.topology: Any = None
         self.online = CpuSet()
         self.vms: dict[int, VMState] = {}
         self.not_vm: set[int] = set()  # tgids known not to be VMs (until they exec or exit)
@@ -120,6 +121,7 @@ class Daemon:
         self.next_watchdog = 0.0
         self.stop_requested = False
         self.reload_requested = False
+        self.topology_changed = False
         self.sel = selectors.DefaultSelector()
         self.connector: Any = None
         self.udev_monitor: Any = None
@@ -136,7 +138,8 @@ class Daemon:
     # --- setup --------------------------------------------------------------------------
     def load(self) -> None:
         """First configuration load; raises ConfigError."""
-        self.online = read_topology(self.sysroot).online
+        self.topology = read_topology(self.sysroot)
+        self.online = self.topology.online
         self.config = load_config(self.config_path, online=self.online)
         self.config_time = datetime.now().strftime("%H:%M:%S")
         self.stats.last_reload_success = time.time()
@@ -182,6 +185,7 @@ class Daemon:
             ctx = pyudev.Context()
             mon = pyudev.Monitor.from_netlink(ctx, source=self.udev_source)
             mon.filter_by("misc")
+            mon.filter_by("cpu")  # CPU hot(un)plug: pooled CPUs come and go
             mon.set_receive_buffer_size(4 * 1024 * 1024)
             mon.start()
         except (OSError, ValueError) as e:
@@ -255,6 +259,9 @@ class Daemon:
         if self.notifier.watchdog_interval and now >= self.next_watchdog:
             self.notifier.watchdog()
             self.next_watchdog = now + self.notifier.watchdog_interval
+        if self.topology_changed:
+            self.topology_changed = False
+            self.refresh_topology()
         self.run_due(now)
         if now >= self.next_rescan:
             self.rescan("rescan")
@@ -334,6 +341,11 @@ class Daemon:
             if dev is None:
                 return
             props = dev.properties
+            if dev.subsystem == "cpu":
+                if dev.action in ("online", "offline", "add", "remove"):
+                    self.stats.count_event("udev")
+                    self.topology_changed = True
+                continue
             if dev.sys_name != "kvm" or props.get("EVENT") not in ("create", "destroy"):
                 continue
             self.stats.count_event("udev")
@@ -383,8 +395,30 @@ class Daemon:
             if self.clock() > deadline:
                 break  # the rest stay due: events get a look in between
 
+    def _online_now(self) -> CpuSet | None:
+        try:
+            return CpuSet.parse((self.sysroot / "sys/devices/system/cpu/online").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def refresh_topology(self) -> None:
+        """Re-read the topology; when the online CPUs changed, re-plan every VM."""
+        try:
+            topo = read_topology(self.sysroot)
+        except OSError as e:
+            log.warning("cannot re-read the CPU topology: %s", e)
+            return
+        if topo.online != self.online:
+            log.warning("online CPUs changed from %s to %s: re-placing VMs", self.online, topo.online)
+            self.topology = topo
+            self.online = topo.online
+            self.rescan("topology")
+
     def rescan(self, reason: str) -> None:
         """Full scan of /proc: new VMs, lost events, and drift."""
+        if reason == "rescan" and self._online_now() not in (None, self.online):
+            self.refresh_topology()  # a CPU came or went and no uevent told us
+            return
         self.stats.rescans += 1
         t0 = time.perf_counter()
         log.debug("full scan (%s)", reason)
@@ -497,7 +531,8 @@ class Daemon:
         self.notifier.reloading()
         log.info("reloading %s", self.config_path)
         try:
-            online = read_topology(self.sysroot).online
+            topo = read_topology(self.sysroot)
+            online = topo.online
             new = load_config(self.config_path, online=online)
         except ConfigError as e:
             self.stats.reloads_failed += 1
@@ -520,6 +555,7 @@ class Daemon:
         self.stats.reloads_ok += 1
         self.stats.last_reload_ok = True
         self.stats.last_reload_success = time.time()
+        self.topology = topo
         self.online = online
         old_pins = {(pid, tid): a.cpus for pid, st in self.vms.items() for tid, a in st.wanted.items()}
         self.config = new

@@ -24,7 +24,32 @@
 #   `x-` keys); an `include` inside one is an error. Policies are tried in that
 #   same order: the main file's first.
 # * ConfigIssue.key is the key's path inside its policy or the top level, as in
-#   "emulatorpin", "match.cmdline", "vcpupin[3]", "iothreadpin[io1]", "include".
+#   "emulatorpin", "match.cmdline", "vcpupin[3]", "iothreadpin[io1]", "include",
+#   "vcpus.pool", "pools[dedicated].cpus", "metrics.listen".
+# * `pools` (main file only; an empty `pools:` holds none) names sets of host
+#   CPUs, in file order: `name: {cpus: LIST, exclusive: BOOL}` (exclusive
+#   defaults to false). Pools must not overlap; CPUs in no pool are fine (host
+#   housekeeping). `leave` and `fail` are not pool names (see on_exhausted).
+#   The pools are read before the policies wherever `pools` stands in the file.
+# * `vcpus: {pool: P, smt: S, numa: N, cache: C}`: with an exclusive pool each
+#   vCPU gets a dedicated CPU of P (Policy.vcpus_rule; Policy.vcpus is None);
+#   smt/numa/cache pick which (pools.SMT_MODES etc., default "any"). With a
+#   non-exclusive pool the vCPUs float over all of P's CPUs, exactly as if its
+#   CPU list were written out (Policy.vcpus; vcpus_rule is None), and
+#   smt/numa/cache are errors. `vcpupin` together with an exclusive `vcpus`
+#   pool is an error (which vCPU gets which dedicated CPU would be ambiguous);
+#   with a CPU list or a non-exclusive pool, vcpupin wins for its indices.
+# * `emulatorpin: {pool: P}` floats the emulator threads over a non-exclusive
+#   pool (Policy.emulatorpin = its CPUs, Policy.emulator_pool = P);
+#   `{isolate: true}` asks for one more dedicated CPU from the exclusive vcpus
+#   pool (Policy.emulator_isolate); `{isolate: false}` or `{}` is no rule.
+# * `on_exhausted` (only with an exclusive vcpus pool) says what a VM does
+#   while its pool has too few free CPUs: `leave` (the default: unpinned until
+#   CPUs free up), `fail` (reported as a failure, also retried) or the name of
+#   a non-exclusive pool to float over meanwhile.
+# * `metrics: {listen: HOST:PORT}` (main file only), IPv6 hosts in brackets
+#   ("[::1]:9474"); `off` (quoted or not, or `false`/`no`) turns metrics off.
+#   `state_file` (main file only) is an absolute path.
 
 from __future__ import annotations
 
@@ -32,6 +57,7 @@ import codecs
 import difflib
 import fnmatch
 import glob
+import ipaddress
 import logging
 import os
 import re
@@ -45,6 +71,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .cpuset import CpuSet, CpuSetError
 from .discovery import DEFAULT_EXECUTABLES
+from .pools import CACHE_MODES, NUMA_MODES, SMT_MODES, PlacementRule, PoolSpec
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +81,10 @@ DEFAULT_RESCAN_INTERVAL = 10.0
 MAX_RESCAN_INTERVAL = 86400.0
 # Largest uid the kernel hands out; (uid_t)-1 means "no uid".
 MAX_UID = 2**32 - 2
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9474"
+DEFAULT_STATE_FILE = Path("/var/lib/vcpud/state.json")
+# What a policy's on_exhausted takes besides a pool name; no pool may be called so.
+ON_EXHAUSTED_MODES = ("leave", "fail")
 
 _TAG = "tag:yaml.org,2002:"
 _STR, _INT, _FLOAT, _BOOL, _NULL = (_TAG + t for t in ("str", "int", "float", "bool", "null"))
@@ -70,6 +101,8 @@ _QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 _COUNT_RANGE = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?\Z")
 _DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?\s*\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+_PORT = re.compile(r"[0-9]{1,5}\Z")
 
 _INVALID: Any = object()  # a converter's "already reported" result
 
@@ -204,6 +237,14 @@ class Policy:
     vhostpin: CpuSet | None = None
     affinity: CpuSet | None = None
     pos: Position = _NOWHERE
+    # Dedicated vCPUs from an exclusive pool (`vcpus: {pool: ...}`); `vcpus` is then None.
+    vcpus_rule: PlacementRule | None = None
+    # One more dedicated CPU from the vcpus_rule pool for the emulator threads.
+    emulator_isolate: bool = False
+    # The non-exclusive pool `emulatorpin` names (emulatorpin holds its CPUs), for reports.
+    emulator_pool: str | None = None
+    # With vcpus_rule, while too few CPUs are free: "leave", "fail" or a non-exclusive pool.
+    on_exhausted: str = "leave"
 
     def __post_init__(self) -> None:
         # Accept plain dicts from code that builds policies by hand.
@@ -229,6 +270,13 @@ class Config:
     policies: tuple[Policy, ...] = ()
     rescan_interval: float = DEFAULT_RESCAN_INTERVAL
     files: tuple[str, ...] = ()  # every file read, in reading order
+    pools: Mapping[str, PoolSpec] = FrozenMap()  # by name, in file order
+    metrics_listen: str = DEFAULT_METRICS_LISTEN  # "host:port" ("[v6]:port") or "off"
+    state_file: Path = DEFAULT_STATE_FILE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pools, FrozenMap):
+            object.__setattr__(self, "pools", FrozenMap(self.pools))
 
     def select(self, vm: Any, users: Callable[[int], str | None] | None = None) -> Policy | None:
         """The first policy matching ``vm``, or None: leave the VM alone."""
@@ -288,6 +336,8 @@ def parse_config_text(
         ctx.issues.append(ConfigIssue(Position(ctx.file or filename, 1, 1), "config nests too deeply"))
     if ctx.issues:
         raise ConfigError(ctx.sorted_issues())
+    if "metrics" in top:
+        top["metrics_listen"] = top.pop("metrics")
     config = Config(policies=tuple(policies), files=tuple(ctx.files), **top)
     log.debug("loaded %d policies from %s", len(config.policies), ", ".join(config.files))
     return config
@@ -307,6 +357,8 @@ class _Ctx:
         self.label = ""  # "policy 'x'" (or "policy #3" before its name is known) inside a policy
         self.where = ""  # " in " + label, or "" outside policies
         self.policy_names: dict[str, Position] = {}
+        # Pools by name; None for a pool whose definition has errors (already reported).
+        self.pools: dict[str, PoolSpec | None] = {}
         # Merge sources flattened so far, and those being flattened, by id(node);
         # only valid within one file's node tree.
         self.flattened: dict[int, list[tuple[str, Node, Node]]] = {}
@@ -352,8 +404,10 @@ def _parse_file(ctx: _Ctx, text: str, shown: str, included: bool) -> dict[str, A
     if not isinstance(root, MappingNode):
         ctx.error(root, f"a config file must be a mapping (like 'policies: [...]'), got {_describe(root)}")
         return {}
+    # Pools first, so that policies above them in the file can name them.
+    entries = sorted(_entries(ctx, root), key=lambda e: e[0] != "pools")
     return _apply_schema(
-        ctx, root, _entries(ctx, root), _TOP_FIELDS, " at top level",
+        ctx, root, entries, _TOP_FIELDS, " at top level",
         included=included, extensions=True, hints=_TOP_HINTS,
     )
 
