@@ -13,8 +13,8 @@
 #   `<<: [*a, *b]`) with YAML's rules: keys written out win over merged ones,
 #   earlier merge sources win over later ones. Top-level keys starting with
 #   `x-` are ignored, to give anchors a home outside any policy.
-# * An empty value (`key:`) is an error except for `policies:`, which then
-#   holds no policy. An empty file is a config without policies.
+# * An empty value (`key:`) is an error except for `policies:` and `pools:`,
+#   which then hold none. An empty file is a config without policies.
 # * A policy without any pinning rule is allowed: it claims the VM (later
 #   policies are not tried) and leaves all its threads where they are.
 # * `include` (main file only) takes a glob or a list of globs, relative to the
@@ -64,7 +64,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -886,6 +886,344 @@ def _includes(ctx: _Ctx, node: Node, key: str) -> list[tuple[str, Node]]:
     return _text_list(ctx, node, key, "a file glob or a list of file globs")
 
 
+def _container(ctx: _Ctx, key: str) -> str:
+    """How unknown-key errors name a sub-mapping: " in 'match' of policy 'a'"."""
+    return f" in {key!r} of {ctx.label}" if ctx.label else f" in {key!r}"
+
+
+def _bool(ctx: _Ctx, node: Node, key: str) -> bool:
+    if isinstance(node, ScalarNode) and node.tag == _BOOL:
+        return node.value.lower() in ("yes", "true", "on")
+    if isinstance(node, ScalarNode) and node.tag not in _SCALAR_TAGS:
+        return _INVALID  # reported by _check_tags
+    ctx.error(node, f"{key!r}{ctx.where} must be true or false, got {_describe(node)}", key)
+    return _INVALID
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[_Ctx, Node, str], str]:
+    """A converter taking one of ``options``, as typed."""
+    listed = ", ".join(options)
+
+    def convert(ctx: _Ctx, node: Node, key: str) -> str:
+        text = _scalar_text(ctx, node, key, f"one of {listed}")
+        if text is _INVALID:
+            return _INVALID
+        if text not in options:
+            ctx.error(
+                node,
+                f"bad value {text!r} for {key!r}{ctx.where}: expected one of {listed}{_suggest(text, options)}",
+                key,
+            )
+            return _INVALID
+        return text
+
+    return convert
+
+
+# --- pools ----------------------------------------------------------------------
+
+
+def _pools(ctx: _Ctx, node: Node, key: str) -> FrozenMap[str, PoolSpec]:
+    if not isinstance(node, MappingNode):
+        ctx.error(
+            node,
+            f"{key!r} must be a mapping of pool name to {{cpus: LIST, exclusive: BOOL}}, got {_describe(node)}",
+            key,
+        )
+        return _INVALID
+    out: dict[str, PoolSpec] = {}
+    cpus_of: dict[str, CpuSet] = {}  # every pool whose CPUs parse, bad or not otherwise
+    first_at: dict[str, Node] = {}
+    ok = True
+    for _, knode, vnode in _entries(ctx, node, key + "[{}]"):
+        name = _pool_name(ctx, knode, key)
+        if name is _INVALID:
+            ok = False
+            continue
+        if name in first_at:  # `1:` and `"1":` are different YAML keys but the same name
+            ctx.error(knode, f"duplicate pool {name!r} (first at line {first_at[name].start_mark.line + 1})", key)
+            ok = False
+            continue
+        first_at[name] = knode
+        ctx.pools[name] = None  # known, so references to it are not "unknown"
+        path = f"{key}[{name}]"
+        if not isinstance(vnode, MappingNode):
+            ctx.error(
+                vnode,
+                f"pool {name!r} must be a mapping like {{cpus: \"4-31\", exclusive: true}}, got {_describe(vnode)}",
+                path,
+            )
+            ok = False
+            continue
+        before = len(ctx.issues)
+        entries = _entries(ctx, vnode, path + ".{}")
+        values = _apply_schema(ctx, vnode, entries, _POOL_FIELDS, f" in pool {name!r}", prefix=path + ".")
+        broken = len(ctx.issues) != before
+        if "cpus" in values:  # overlaps are checked even if another key of the pool is wrong
+            cpus_node = next(v for k, _, v in entries if k == "cpus")
+            for other, other_cpus in cpus_of.items():
+                common = other_cpus & values["cpus"]
+                if common:
+                    what = f"CPU {common}" if len(common) == 1 else f"CPUs {common}"
+                    ctx.error(cpus_node, f"pools {other!r} and {name!r} overlap on {what}", path + ".cpus")
+                    ok = False
+            cpus_of[name] = values["cpus"]
+        if broken:
+            ok = False
+            continue
+        # Kept even when overlapping: the policies naming it are checked as usual.
+        spec = PoolSpec(name=name, **values)
+        ctx.pools[name] = spec
+        out[name] = spec
+    return FrozenMap(out) if ok else _INVALID
+
+
+def _pool_name(ctx: _Ctx, knode: Node, key: str) -> str:
+    if knode.tag in (_BOOL, _NULL):
+        ctx.error(knode, f"pool names in {key!r} must be text, got {_describe(knode)}", key)
+        return _INVALID
+    if knode.tag not in _TEXT_TAGS:
+        return _INVALID  # reported by _check_tags
+    text = knode.value
+    if not text.strip() or not text.isprintable():
+        ctx.error(knode, f"pool name {text!r} in {key!r} must be non-empty printable text", key)
+        return _INVALID
+    if text in ON_EXHAUSTED_MODES:
+        ctx.error(knode, f"{text!r} cannot be a pool name: 'on_exhausted: {text}' means something else", key)
+        return _INVALID
+    return text
+
+
+def _unknown_pool(ctx: _Ctx, node: Node, key: str, text: str, extra: tuple[str, ...] = (), expected: str = "") -> None:
+    names = list(ctx.pools)
+    hint = _suggest(text, [*names, *extra])
+    if not hint and not names:
+        hint = " (no pools are defined: add them under the top-level 'pools')"
+    ctx.error(node, f"unknown pool {text!r} for {key!r}{ctx.where}{expected}{hint}", key)
+
+
+def _pool_ref(ctx: _Ctx, node: Node, key: str) -> str:
+    """A defined pool's name; _INVALID if unknown (reported) or broken (reported at the pool)."""
+    text = _scalar_text(ctx, node, key, "a pool name")
+    if text is _INVALID:
+        return _INVALID
+    if text not in ctx.pools:
+        _unknown_pool(ctx, node, key, text)
+        return _INVALID
+    return text if ctx.pools[text] is not None else _INVALID
+
+
+_VCPUS_EXPECTED = 'a CPU list like "0-3,8" or a pool like {pool: NAME}'
+
+
+def _vcpus(ctx: _Ctx, node: Node, key: str) -> tuple[CpuSet | None, PlacementRule | None]:
+    """(CPUs to float over, None) or (None, the rule for dedicated CPUs)."""
+    if not isinstance(node, MappingNode):
+        cpus = _cpus(ctx, node, key, _VCPUS_EXPECTED)
+        return _INVALID if cpus is _INVALID else (cpus, None)
+    before = len(ctx.issues)
+    entries = _entries(ctx, node, key + ".{}")
+    values = _apply_schema(ctx, node, entries, _VCPUS_FIELDS, _container(ctx, key), prefix=key + ".")
+    name = values.pop("pool", None)
+    if name is None or len(ctx.issues) != before:
+        return _INVALID
+    spec = ctx.pools[name]
+    assert spec is not None
+    if spec.exclusive:
+        return None, PlacementRule(pool=name, **values)
+    for text, knode, _ in entries:
+        if text in values:
+            ctx.error(
+                knode,
+                f"'{key}.{text}'{ctx.where}: smt/numa/cache only apply to an exclusive pool; "
+                f"pool {name!r} is not exclusive, its vCPUs float over all of its CPUs",
+                f"{key}.{text}",
+            )
+    return _INVALID if values else (spec.cpus, None)
+
+
+class _Emulator(NamedTuple):
+    """A converted `emulatorpin`, split into Policy fields in _policy."""
+
+    cpus: CpuSet | None
+    pool: str | None = None
+    isolate: bool = False
+    isolate_node: Node | None = None  # where to report an isolate that has no pool to come from
+
+
+_EMULATOR_EXPECTED = 'a CPU list like "0-3,8", a pool like {pool: NAME} or {isolate: true}'
+
+
+def _emulatorpin(ctx: _Ctx, node: Node, key: str) -> _Emulator:
+    if not isinstance(node, MappingNode):
+        cpus = _cpus(ctx, node, key, _EMULATOR_EXPECTED)
+        return _INVALID if cpus is _INVALID else _Emulator(cpus)
+    before = len(ctx.issues)
+    entries = _entries(ctx, node, key + ".{}")
+    values = _apply_schema(ctx, node, entries, _EMULATOR_FIELDS, _container(ctx, key), prefix=key + ".")
+    given = {k: (kn, vn) for k, kn, vn in entries}
+    if "pool" in given and "isolate" in given:
+        ctx.error(node, f"{key!r}{ctx.where} takes either 'pool' or 'isolate', not both", key)
+    if len(ctx.issues) != before:
+        return _INVALID
+    if "pool" in given:
+        name = values.get("pool")
+        if name is None:
+            return _INVALID
+        spec = ctx.pools[name]
+        assert spec is not None
+        if spec.exclusive:
+            ctx.error(
+                given["pool"][1],
+                f"pool {name!r} for '{key}.pool'{ctx.where} is exclusive: its CPUs are for vCPUs only; "
+                f"use '{key}: {{isolate: true}}' for a dedicated emulator CPU from the vcpus pool",
+                key + ".pool",
+            )
+            return _INVALID
+        return _Emulator(spec.cpus, pool=name)
+    isolate = values.get("isolate", False)
+    return _Emulator(None, isolate=isolate, isolate_node=given["isolate"][0] if isolate else None)
+
+
+def _on_exhausted(ctx: _Ctx, node: Node, key: str) -> str:
+    text = _scalar_text(ctx, node, key, "'leave', 'fail' or the name of a non-exclusive pool")
+    if text is _INVALID or text in ON_EXHAUSTED_MODES:
+        return text
+    if text not in ctx.pools:
+        _unknown_pool(
+            ctx, node, key, text, ON_EXHAUSTED_MODES, ": expected 'leave', 'fail' or a non-exclusive pool"
+        )
+        return _INVALID
+    spec = ctx.pools[text]
+    if spec is None:
+        return _INVALID
+    if spec.exclusive:
+        ctx.error(
+            node,
+            f"{key!r}{ctx.where} names exclusive pool {text!r}: a VM waiting for dedicated CPUs can only "
+            "float over a non-exclusive pool (or use 'leave' or 'fail')",
+            key,
+        )
+        return _INVALID
+    return text
+
+
+def _check_pool_rules(ctx: _Ctx, entries: list[tuple[str, Node, Node]], values: dict[str, Any]) -> None:
+    """Rules that depend on each other: vcpus pool vs vcpupin, isolate and on_exhausted."""
+    keys = {k: kn for k, kn, _ in entries}
+    if "vcpus" in keys and "vcpus" not in values:
+        return  # a broken vcpus is reported; what it would have allowed is unknown
+    rule = values["vcpus"][1] if "vcpus" in values else None
+    if rule is not None and "vcpupin" in keys:
+        ctx.error(
+            keys["vcpupin"],
+            f"'vcpupin'{ctx.where} cannot be combined with 'vcpus: {{pool: {rule.pool}}}': exclusive pool "
+            f"{rule.pool!r} chooses every vCPU's CPU, so pinning some of them too is ambiguous; use one or the other",
+            "vcpupin",
+        )
+    if rule is not None:
+        return
+    emulator = values.get("emulatorpin")
+    if emulator is not None and emulator.isolate:
+        ctx.error(
+            emulator.isolate_node,
+            f"'emulatorpin: {{isolate: true}}'{ctx.where} needs 'vcpus: {{pool: ...}}' with an exclusive pool "
+            "to take the emulator's dedicated CPU from",
+            "emulatorpin.isolate",
+        )
+    if "on_exhausted" in keys:
+        ctx.error(
+            keys["on_exhausted"],
+            f"'on_exhausted'{ctx.where}: on_exhausted only applies to vcpus: {{pool: ...}} with an exclusive pool",
+            "on_exhausted",
+        )
+
+
+# --- metrics and state ----------------------------------------------------------
+
+
+def _metrics(ctx: _Ctx, node: Node, key: str) -> str:
+    if not isinstance(node, MappingNode):
+        example = f'{{listen: "{DEFAULT_METRICS_LISTEN}"}}'
+        ctx.error(node, f"{key!r} must be a mapping like {example}, got {_describe(node)}", key)
+        return _INVALID
+    before = len(ctx.issues)
+    entries = _entries(ctx, node, key + ".{}")
+    values = _apply_schema(ctx, node, entries, _METRICS_FIELDS, f" in {key!r}", prefix=key + ".")
+    return values.get("listen", DEFAULT_METRICS_LISTEN) if len(ctx.issues) == before else _INVALID
+
+
+_LISTEN_EXPECTED = 'HOST:PORT like "127.0.0.1:9474" or "[::1]:9474", or off'
+
+
+def _listen(ctx: _Ctx, node: Node, key: str) -> str:
+    if isinstance(node, ScalarNode) and node.tag == _BOOL and node.value.lower() in ("off", "false", "no"):
+        return "off"  # `listen: off` unquoted is YAML's false
+    text = _scalar_text(ctx, node, key, _LISTEN_EXPECTED)
+    if text is _INVALID:
+        return _INVALID
+    text = text.strip()
+    if text.lower() == "off":
+        return "off"
+    problem = _listen_problem(text)
+    if problem:
+        ctx.error(node, f"bad listen address {text!r} for {key!r}: {problem}", key)
+        return _INVALID
+    return text
+
+
+def _listen_problem(text: str) -> str | None:
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return "missing ']' after the IPv6 address"
+        host, rest = text[1:end], text[end + 1:]
+        if not rest.startswith(":"):
+            return 'expected [IPV6]:PORT like "[::1]:9474"'
+        port = rest[1:]
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            return f"expected {_LISTEN_EXPECTED}"
+    if not _PORT.match(port) or not 1 <= int(port) <= 65535:
+        return f"port {port!r} must be a number from 1 to 65535"
+    if text.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{host!r} in brackets is not an IPv6 address"
+        return None
+    if not host:
+        return "the host is missing (0.0.0.0 or [::] listen on every address)"
+    if ":" in host or "[" in host or "]" in host:
+        return 'write an IPv6 address in brackets, like "[::1]:9474"'
+    labels = host.split(".")
+    if all(_DIGITS.match(label) for label in labels):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"{host!r} is not an IPv4 address"
+        return None
+    if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        return f"{host!r} is not a host name or IP address"
+    return None
+
+
+def _state_file(ctx: _Ctx, node: Node, key: str) -> Path:
+    text = _scalar_text(ctx, node, key, "an absolute file path")
+    if text is _INVALID:
+        return _INVALID
+    if "\0" in text:
+        ctx.error(node, f"{key!r} {text!r} contains a NUL character", key)
+    elif not text.startswith("/"):
+        ctx.error(node, f"{key!r} must be an absolute path, got {text!r}", key)
+    elif text.endswith("/"):
+        ctx.error(node, f"{key!r} must name a file, not a directory, got {text!r}", key)
+    else:
+        return Path(text)
+    return _INVALID
+
+
 def _match(ctx: _Ctx, node: Node, key: str) -> Match:
     if not isinstance(node, MappingNode):
         ctx.error(
@@ -936,36 +1274,68 @@ def _policy(ctx: _Ctx, node: MappingNode, number: int) -> Policy | None:
         ctx, node, entries, _POLICY_FIELDS, ctx.where,
         skip=frozenset({"name"}), hints=_POLICY_HINTS,
     )
+    _check_pool_rules(ctx, entries, values)
     if len(ctx.issues) != before:
         return None
     if "iothreadpin" in values:
         values["iothreadpin"], values["iothreadpin_by_id"] = values["iothreadpin"]
+    if "vcpus" in values:
+        values["vcpus"], values["vcpus_rule"] = values["vcpus"]
+    if "emulatorpin" in values:
+        emulator = values.pop("emulatorpin")
+        values.update(emulatorpin=emulator.cpus, emulator_pool=emulator.pool, emulator_isolate=emulator.isolate)
     policy = Policy(name=name, pos=ctx.pos(node), **values)
-    if not policy.all_cpus():
+    if not policy.all_cpus() and policy.vcpus_rule is None:
         log.debug("%s: policy %r pins nothing: its VMs are left alone", policy.pos, name)
     return policy
 
 
 # --- the schema -----------------------------------------------------------------
 # Each key maps to a converter; Config/Policy/Match take the converted values by
-# keyword, so a new key is a _Field here plus a field on the dataclass.
+# keyword, so a new key is a _Field here plus a field on the dataclass (a few
+# values are split or renamed on the way: see parse_config_text and _policy).
 
 _TOP_FIELDS: Mapping[str, _Field] = {
     "executables": _Field(_executables, main_only=True),
     "include": _Field(_includes, main_only=True),
     "rescan_interval": _Field(_duration, main_only=True),
+    "pools": _Field(_pools, nullable=True, main_only=True),
+    "metrics": _Field(_metrics, main_only=True),  # -> Config.metrics_listen
+    "state_file": _Field(_state_file, main_only=True),
     "policies": _Field(_policies, nullable=True),
+}
+
+_POOL_FIELDS: Mapping[str, _Field] = {
+    "cpus": _Field(_cpus, required=True),
+    "exclusive": _Field(_bool),
+}
+
+_METRICS_FIELDS: Mapping[str, _Field] = {
+    "listen": _Field(_listen),
 }
 
 _POLICY_FIELDS: Mapping[str, _Field] = {
     "name": _Field(_policy_name, required=True),
     "match": _Field(_match, required=True),
     "vcpupin": _Field(_vcpupin),
-    "vcpus": _Field(_cpus),
-    "emulatorpin": _Field(_cpus),
+    "vcpus": _Field(_vcpus),  # -> Policy.vcpus, Policy.vcpus_rule
+    "emulatorpin": _Field(_emulatorpin),  # -> Policy.emulatorpin, emulator_pool, emulator_isolate
     "iothreadpin": _Field(_iothreadpin),
     "vhostpin": _Field(_cpus),
     "affinity": _Field(_cpus),
+    "on_exhausted": _Field(_on_exhausted),
+}
+
+_VCPUS_FIELDS: Mapping[str, _Field] = {
+    "pool": _Field(_pool_ref, required=True),
+    "smt": _Field(_choice(SMT_MODES)),
+    "numa": _Field(_choice(NUMA_MODES)),
+    "cache": _Field(_choice(CACHE_MODES)),
+}
+
+_EMULATOR_FIELDS: Mapping[str, _Field] = {
+    "pool": _Field(_pool_ref),
+    "isolate": _Field(_bool),
 }
 
 _MATCH_FIELDS: Mapping[str, _Field] = {
@@ -978,8 +1348,11 @@ _MATCH_FIELDS: Mapping[str, _Field] = {
 
 # Unknown keys that are known one level away get a pointer there.
 _POLICY_HINTS: Mapping[str, str] = {
-    k: " (it belongs under 'match')" for k in _MATCH_FIELDS if k not in _POLICY_FIELDS
+    **{k: " (it belongs under 'match')" for k in _MATCH_FIELDS if k not in _POLICY_FIELDS},
+    **{k: " (it belongs under 'vcpus: {pool: ...}')" for k in _VCPUS_FIELDS},
+    "isolate": " (write 'emulatorpin: {isolate: true}')",
 }
 _TOP_HINTS: Mapping[str, str] = {
-    k: " (policy keys go into a list under 'policies')" for k in _POLICY_FIELDS if k not in _TOP_FIELDS
+    **{k: " (policy keys go into a list under 'policies')" for k in _POLICY_FIELDS if k not in _TOP_FIELDS},
+    "listen": " (it belongs under 'metrics')",
 }
