@@ -11,7 +11,6 @@ Grafana dashboard and of the alert rules, with the dashboard's variables substit
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket

@@ -5,6 +5,7 @@ vcpud exposes. (tests/integration/test_prometheus.py runs all of their PromQL on
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -54,14 +55,10 @@ def test_alerts_are_annotated():
         assert r["annotations"]["summary"] and r["annotations"]["description"], r
 
 
-EXPOSED = None
-
-
-def exposed_names() -> set[str]:
-    global EXPOSED
-    if EXPOSED is None:
-        EXPOSED = set(samples(render(SCENARIO)))
-    return EXPOSED
+@functools.cache
+def exposed_names() -> frozenset[str]:
+    """Every sample name vcpud exposes (the scenario has a series in every family)."""
+    return frozenset(samples(render(SCENARIO)))
 
 
 def metric_names(expr: str) -> set[str]:

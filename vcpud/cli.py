@@ -12,10 +12,11 @@ from typing import Any, Sequence
 
 from . import __version__
 from .cpuset import CpuSet
-from .discovery import VM, Scan, scan
-from .engine import Report, reconcile
+from .discovery import VM, Role, Scan, Smp, Thread, scan
+from .engine import Report, load_priors, reconcile
 from .pinning import OsAffinity, Outcome
-from .placement import VMPlan, plan
+from .placement import PoolDecision, VMPlan, arrival_order, assign, plan, vcpu_count
+from .pools import free_cpus
 from .policy import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .procfs import Procfs
 from .topology import format_parse, format_summary, read_topology
@@ -25,8 +26,8 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
-def _online(sysroot: Path) -> CpuSet:
-    return read_topology(sysroot).online
+def _topology(sysroot: Path):
+    return read_topology(sysroot)
 
 
 def _load(path: Path | None, online: CpuSet, required: bool) -> Config | None:
@@ -62,10 +63,10 @@ def cmd_topology(args: argparse.Namespace) -> int:
 
 # --- check --------------------------------------------------------------------------
 def cmd_check(args: argparse.Namespace) -> int:
-    cfg = _load(args.config, _online(Path(args.sysroot)), required=True)
+    cfg = _load(args.config, _topology(Path(args.sysroot)).online, required=True)
     if cfg is None:
         return EXIT_CONFIG
-    print(f"{', '.join(cfg.files)}: OK, {len(cfg.policies)} policies")
+    print(f"{', '.join(cfg.files)}: OK, {len(cfg.policies)} policies, {len(cfg.pools)} pools")
     return EXIT_OK
 
 
@@ -93,11 +94,13 @@ def _vm_line(v: VMPlan, results: Sequence[Any], dry_run: bool) -> list[str]:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    online = _online(Path(args.sysroot))
+    topo = _topology(Path(args.sysroot))
+    online = topo.online
     cfg = _load(args.config, online, required=True)
     if cfg is None:
         return EXIT_CONFIG
-    report = reconcile(cfg, online, Procfs(Path(args.proc)), OsAffinity(Path(args.proc)), dry_run=args.dry_run)
+    report = reconcile(cfg, online, Procfs(Path(args.proc)), OsAffinity(Path(args.proc)), dry_run=args.dry_run,
+                       topology=topo)
     _hint_unreadable(report.scan)
     for v in report.vms:
         if v.plan.policy is None:
@@ -175,17 +178,115 @@ def _hint_unreadable(found: Scan) -> None:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    online = _online(Path(args.sysroot))
+    topo = _topology(Path(args.sysroot))
+    online = topo.online
     cfg = _load(args.config, online, required=False)
     if cfg is None:
         return EXIT_CONFIG
     found = scan(Procfs(Path(args.proc)), cfg.executables)
     _hint_unreadable(found)
-    p = plan(cfg, found.vms, online)
+    vms = arrival_order(found.vms)
+    p = plan(cfg, vms, online, topo, load_priors(cfg, vms, online))
     if args.json:
         print(json.dumps(ps_json(found, p.vms), indent=2))
     else:
         sys.stdout.write(ps_table(p.vms))
+    return EXIT_OK
+
+
+# --- plan ---------------------------------------------------------------------------
+def what_if_vm(i: int, spec: str) -> VM:
+    """An imagined VM from NAME:VCPUS[:THREADS] (THREADS = guest threads per core)."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not all(p.isdigit() and int(p) > 0 for p in parts[1:]):
+        raise ValueError(f"--what-if {spec!r}: expected NAME:VCPUS[:THREADS] with positive numbers")
+    n = int(parts[1])
+    t = int(parts[2]) if len(parts) == 3 else 1
+    if n % t:
+        raise ValueError(f"--what-if {spec!r}: {n} vCPUs are not whole cores of {t} threads")
+    # Negative pids and start times after every live VM: imagined VMs arrive last, in order.
+    return VM(pid=-(i + 1), starttime=2**62 + i, exe="", cmdline=(), uid=0, user=None, name=parts[0], uuid=None,
+              smp=Smp(cpus=n, maxcpus=n, cores=n // t, threads=t), threads=(), debug_threads=True)
+
+
+def plan_json(vp: VMPlan, cfg: Config, isolated: CpuSet) -> dict[str, Any]:
+    vm = vp.vm
+    policy = cfg.select(vm) if vp.policy else None
+    vcpus: dict[str, list[int]] = {}
+    reasons: dict[str, str] = {}
+    emulator: list[int] = []
+    if policy is not None:
+        decision = PoolDecision(allocation=vp.allocation)
+        for i in range(vcpu_count(vm)):
+            r = assign(Thread(tid=0, comm="", role=Role.VCPU, vcpu=i), vm, policy, cfg, decision, isolated)
+            if r is not None:
+                vcpus[str(i)] = list(r[1])
+                reasons[str(i)] = vp.allocation.reasons[i] if vp.allocation and i < len(vp.allocation.reasons) \
+                    else r[0]
+        r = assign(Thread(tid=vm.pid, comm="", role=Role.EMULATOR), vm, policy, cfg, decision, isolated)
+        if r is not None:
+            emulator = list(r[1])
+            reasons["emulator"] = r[0]
+    return {
+        "name": vm.display_name, "pid": vm.pid if vm.pid > 0 else None, "imagined": vm.pid < 0,
+        "policy": vp.policy, "status": vp.status, "reason": vp.reason,
+        "pool": vp.allocation.pool if vp.allocation else None,
+        "vcpus": vcpus, "emulator": emulator, "reasons": reasons,
+    }
+
+
+def _vcpu_map(vcpus: dict[str, list[int]]) -> str:
+    """"0:5 1:37" for dedicated CPUs; runs of vCPUs with the same CPUs folded: "0-39:0-1"."""
+    runs: list[list[Any]] = []
+    for i, cpus in ((int(k), CpuSet.of(v).format()) for k, v in vcpus.items()):
+        if runs and runs[-1][1] == i - 1 and runs[-1][2] == cpus:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, cpus])
+    return " ".join(f"{a}:{c}" if a == b else f"{a}-{b}:{c}" for a, b, c in runs) or "-"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    topo = _topology(Path(args.sysroot))
+    online = topo.online
+    cfg = _load(args.config, online, required=True)
+    if cfg is None:
+        return EXIT_CONFIG
+    try:
+        imagined = [what_if_vm(i, spec) for i, spec in enumerate(args.what_if or [])]
+    except ValueError as e:
+        print(f"vcpud: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    live: list[VM] = []
+    if os.path.realpath(args.sysroot) == "/":
+        found = scan(Procfs(Path(args.proc)), cfg.executables)
+        _hint_unreadable(found)
+        live = arrival_order(found.vms)
+    else:
+        print(f"vcpud: topology from {args.sysroot}: this host's VMs are not part of the plan", file=sys.stderr)
+    p = plan(cfg, live + imagined, online, topo, load_priors(cfg, live, online) if live else {})
+    rows = [plan_json(vp, cfg, topo.isolated) for vp in p.vms]
+    free = free_cpus(cfg.pools, topo, list(p.allocations.values()))
+    pools = {name: {"cpus": list(spec.cpus & online), "exclusive": spec.exclusive,
+                    **({"free": list(free.get(name, CpuSet()))} if spec.exclusive else {})}
+             for name, spec in cfg.pools.items()}
+    if args.json:
+        print(json.dumps({"vms": rows, "pools": pools}, indent=1))
+        return EXIT_OK
+    for r in rows:
+        vc = _vcpu_map(r["vcpus"])
+        head = f"{r['name']:<16} {r['policy'] or '-':<12} {r['status']:<9} vcpus {vc}"
+        if r["emulator"]:
+            head += f"  emulator {CpuSet.of(r['emulator']).format()}"
+        print(head)
+        if r["reason"]:
+            print(f"    {r['reason']}")
+        if args.verbose:
+            for k, why in r["reasons"].items():
+                print(f"    {k}: {why}")
+    for name, info in pools.items():
+        extra = f", {len(info['free'])} free ({CpuSet.of(info['free']).format() or 'none'})" if info["exclusive"] else ""
+        print(f"pool {name}: {len(info['cpus'])} CPUs{' exclusive' if info['exclusive'] else ''}{extra}")
     return EXIT_OK
 
 
@@ -237,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--dry-run", "-n", action="store_true", help="show what would change, change nothing")
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("plan", help="the placement for live and imagined VMs, with its reasons")
+    common(p)
+    p.add_argument("--what-if", action="append", metavar="NAME:VCPUS[:THREADS]",
+                   help="an imagined VM, placed after the live ones (repeatable)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--verbose", "-v", action="store_true", help="why each CPU was chosen")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="the service: watch VMs and keep them pinned (foreground)")
     common(p)

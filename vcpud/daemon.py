@@ -18,9 +18,11 @@ from typing import Any, Callable
 from .cpuset import CpuSet
 from .discovery import VM, Role, classify_new_thread, scan, verify_executable
 from .pinning import AffinityOps, OsAffinity, Outcome, PinResult, pin_one
-from .placement import Assignment, plan_vm, rule_for
+from .engine import load_priors
+from .placement import Assignment, PoolDecision, VMPlan, arrival_order, assign, decide_pools, plan_vm
 from .policy import Config, ConfigError, Policy, load_config
 from .procfs import Procfs, Vanished
+from . import state
 from .sdnotify import Notifier
 from .snapshot import (DURATION_BUCKETS, LATENCY_BUCKETS, Histogram, PoolView, Snapshot, ThreadView,
                        VMView)
@@ -48,6 +50,8 @@ class VMState:
     failed: dict[int, PinResult] = field(default_factory=dict)
     first_seen: float = 0.0
     followup: int = 0  # index into FOLLOWUP_DELAYS
+    decision: PoolDecision = field(default_factory=PoolDecision)
+    plan: VMPlan | None = None
 
     @property
     def complete(self) -> bool:
@@ -113,6 +117,7 @@ class Daemon:
         self.topology: Any = None
         self.online = CpuSet()
         self.vms: dict[int, VMState] = {}
+        self.allocations: dict[Any, Any] = {}  # VM key -> pools.Allocation it holds
         self.not_vm: set[int] = set()  # tgids known not to be VMs (until they exec or exit)
         self.due: dict[int, float] = {}  # pid -> when to look at that process again
         self.unnamed: dict[int, tuple[int, float]] = {}  # tid -> (tgid, when) new threads awaiting a name
@@ -314,16 +319,16 @@ class Daemon:
                 self.unnamed[ev.pid] = (ev.tgid, self.clock() + UNNAMED_GRACE)
         elif what == "exec":
             self.not_vm.discard(ev.tgid)
-            self.vms.pop(ev.tgid, None)
+            self.forget(ev.tgid)
             self.consider(ev.tgid)
         elif what == "exit":
             self.unnamed.pop(ev.pid, None)
             if ev.pid == ev.tgid:
                 self.not_vm.discard(ev.tgid)
-                self.due.pop(ev.tgid, None)
-                st = self.vms.pop(ev.tgid, None)
+                st = self.vms.get(ev.tgid)
                 if st is not None:
                     log.info("VM %s (pid %d) exited", st.vm.display_name, st.vm.pid, extra=_fields(st.vm, st.policy and st.policy.name))
+                self.forget(ev.tgid)
             elif ev.tgid in self.vms:
                 st = self.vms[ev.tgid]
                 st.wanted.pop(ev.pid, None)
@@ -354,9 +359,8 @@ class Daemon:
                 continue
             pid = int(pid_s)
             if props.get("EVENT") == "destroy":
-                st = self.vms.get(pid)
-                if st is not None and not self.procfs.exists(pid):
-                    self.vms.pop(pid, None)
+                if pid in self.vms and not self.procfs.exists(pid):
+                    self.forget(pid)
                 continue
             try:
                 # The uevent's PID is the thread that opened the VM; its process is the Tgid.
@@ -431,9 +435,12 @@ class Daemon:
         alive = {vm.pid for vm in found.vms}
         for pid in list(self.vms):
             if pid not in alive:
-                self.vms.pop(pid)
-        for vm in found.vms:
-            self.apply_vm(vm)
+                self.forget(pid)
+        if reason == "startup":
+            self.allocations = load_priors(self.config, arrival_order(found.vms), self.online)
+        decisions = self.place(found.vms)
+        for vm in arrival_order(found.vms):
+            self.apply_vm(vm, decisions.get(vm.key, PoolDecision()))
         self.sample_vcpu_time()
         self.stats.reconcile_hist.observe(time.perf_counter() - t0)
         self.notifier.status(self.status_line())
@@ -442,25 +449,72 @@ class Daemon:
         t0 = time.perf_counter()
         found = scan(self.procfs, self.config.executables, pids)
         self.stats.vanished += found.vanished
-        for vm in found.vms:
-            self.apply_vm(vm)
+        fresh = {vm.pid for vm in found.vms}
         for pid in pids:
-            if pid not in {vm.pid for vm in found.vms}:
-                self.vms.pop(pid, None)
+            if pid not in fresh:
+                self.forget(pid)
+        others = [st.vm for pid, st in self.vms.items() if pid not in fresh]
+        decisions = self.place(others + list(found.vms))
+        for vm in arrival_order(found.vms):
+            self.apply_vm(vm, decisions.get(vm.key, PoolDecision()))
         self.stats.reconcile_hist.observe(time.perf_counter() - t0)
         self._dirty = True
 
-    def apply_vm(self, vm: VM) -> None:
+    def place(self, vms: list[VM]) -> dict[Any, PoolDecision]:
+        """Pool CPUs for every live VM (arrival order); VMs keep what they hold; saves changes."""
+        order = arrival_order(vms)
+        decisions = decide_pools(self.config, self.topology, order, [self.config.select(vm) for vm in order],
+                                 self.allocations)
+        allocations = {k: d.allocation for k, d in decisions.items() if d.allocation is not None}
+        if allocations != self.allocations:
+            for k, a in allocations.items():
+                if self.allocations.get(k) != a:
+                    log.info("pid %d gets pool %s CPUs %s", k[0], a.pool, a.cpus)
+            self.allocations = allocations
+            self.save_state(order)
+        return decisions
+
+    def save_state(self, vms: list[VM]) -> None:
+        by_key = {vm.key: vm for vm in vms}
+        saved = {}
+        for k, a in self.allocations.items():
+            vm = by_key.get(k)
+            if vm is None:
+                continue
+            policy = self.config.select(vm)
+            saved[k] = state.Saved(pid=k[0], starttime=k[1], name=vm.display_name,
+                                   policy=policy.name if policy else "", allocation=a)
+        try:
+            state.save(self.config.state_file, saved)
+        except OSError as e:
+            log.error("cannot write state file %s: %s", self.config.state_file, e)
+
+    def forget(self, pid: int) -> None:
+        """A VM is gone: drop its state and free its pool CPUs for VMs still waiting."""
+        st = self.vms.pop(pid, None)
+        self.due.pop(pid, None)
+        if st is None:
+            return
+        if self.allocations.pop(st.vm.key, None) is not None:
+            self.save_state([x.vm for x in self.vms.values()])
+            for other in self.vms.values():
+                if other.plan is not None and other.plan.status in ("waiting", "floating", "failed"):
+                    self.due[other.vm.pid] = self.clock()
+
+    def apply_vm(self, vm: VM, decision: PoolDecision = PoolDecision()) -> None:
         prev = self.vms.get(vm.pid)
         if prev is not None and prev.vm.key != vm.key:
             prev = None  # the PID was reused by another process
         policy = self.config.select(vm)
         st = VMState(vm=vm, policy=policy, first_seen=prev.first_seen if prev else self.clock(),
-                     followup=prev.followup if prev else 0)
+                     followup=prev.followup if prev else 0, decision=decision)
         if prev is None:
             log.info("found VM %s (pid %d), policy %s", vm.display_name, vm.pid, policy.name if policy else "none",
                      extra=_fields(vm, policy and policy.name))
-        vp = plan_vm(vm, policy, self.online)
+        vp = plan_vm(vm, policy, self.online, self.config, decision, self.isolated)
+        st.plan = vp
+        if vp.reason and (prev is None or prev.plan is None or prev.plan.status != vp.status):
+            log.warning("VM %s %s: %s", vm.display_name, vp.status, vp.reason, extra=_fields(vm, vp.policy))
         for problem in vp.problems:
             log.warning("VM %s: %s", vm.display_name, problem, extra=_fields(vm, vp.policy))
         for a in vp.assignments:
@@ -476,6 +530,10 @@ class Daemon:
             self.due[vm.pid] = self.clock() + FOLLOWUP_DELAYS[st.followup]
             st.followup += 1
 
+    @property
+    def isolated(self) -> CpuSet:
+        return self.topology.isolated if self.topology is not None else CpuSet()
+
     def pin_thread(self, st: VMState, tid: int, event_ns: int = 0) -> None:
         """Fast path: one new or renamed thread of a known VM."""
         snap = self.procfs.thread(st.vm.pid, tid)
@@ -487,7 +545,13 @@ class Daemon:
         st.vm = replace(st.vm, threads=threads)
         if st.policy is None:
             return
-        r = rule_for(st.policy, t)
+        a_ = st.decision.allocation
+        if t.role is Role.VCPU and st.policy.vcpus_rule is not None and a_ is not None and t.vcpu is not None \
+                and t.vcpu >= len(a_.vcpus):
+            # A vCPU hot-plugged beyond what the VM holds: it needs a bigger allocation.
+            self.due[st.vm.pid] = self.clock()
+            return
+        r = assign(t, st.vm, st.policy, self.config, st.decision, self.isolated)
         if r is None:
             st.wanted.pop(tid, None)
             return
@@ -618,7 +682,7 @@ class Daemon:
                 state = "pinned" if a is not None else "failed" if t.tid in st.failed else "unpinned"
                 threads.append(ThreadView(role=t.role.value, cpus=a.cpus if a else t.affinity, state=state,
                                           vcpu=t.vcpu))
-            status = "unmanaged" if not policy else "failed" if st.failed else "pinned"
+            status = "unmanaged" if not policy else "failed" if st.failed else st.plan.status if st.plan else "pinned"
             vms.append(VMView(name=st.vm.display_name, uuid=st.vm.uuid or "", policy=policy, status=status,
                               threads=tuple(threads)))
         pools = tuple(PoolView(name=p.name, cpus=p.cpus & self.online, allocated=self.pool_allocated(p.name),
@@ -636,10 +700,17 @@ class Daemon:
         self._dirty = False
 
     def pool_allocated(self, pool: str) -> CpuSet:
-        return CpuSet()
+        held = CpuSet()
+        for a in self.allocations.values():
+            if a.pool == pool:
+                held |= a.cpus
+        return held
 
     def pool_waiting(self, pool: str) -> int:
-        return 0
+        return sum(1 for st in self.vms.values()
+                   if st.plan is not None and st.plan.status in ("waiting", "floating", "failed")
+                   and st.policy is not None and st.policy.vcpus_rule is not None
+                   and st.policy.vcpus_rule.pool == pool)
 
     # --- reporting ----------------------------------------------------------------------
     def status_line(self) -> str:
@@ -647,6 +718,9 @@ class Daemon:
         pinned = sum(len(st.wanted) for st in managed)
         failed = sum(len(st.failed) for st in managed)
         line = f"{len(managed)} VMs, {pinned} threads pinned, {failed} failed, policy from {self.config_time}"
+        waiting = sum(1 for st in managed if st.plan is not None and st.plan.status in ("waiting", "floating", "failed"))
+        if waiting:
+            line = f"{line}; {waiting} VMs waiting for pool CPUs"
         if self.reload_error:
             line = f"{self.reload_error}; {line}"
         return line

@@ -1,16 +1,18 @@
-"""Pure planner: (online CPUs, policies, VMs) -> which CPUs each thread should be allowed on."""
+"""Pure planner: (topology, policies, VMs, prior allocations) -> which CPUs each thread may use."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Hashable, Iterable, Mapping, Sequence
 
 from .cpuset import CpuSet
 from .discovery import VM, Role, Thread
+from .pools import Allocation, Failure, Request, allocate
 
 if TYPE_CHECKING:
     from .policy import Config, Policy
+    from .topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,11 @@ class VMPlan:
     policy: str | None                 # None: no policy matched, the VM is left alone
     assignments: tuple[Assignment, ...]
     problems: tuple[str, ...] = ()     # threads the policy wants pinned but cannot be
+    # unmanaged, pinned (fixed lists), placed (dedicated pool CPUs), floating (pool exhausted,
+    # on_exhausted names a shared pool), waiting (exhausted, left alone), failed (exhausted, fail)
+    status: str = "pinned"
+    allocation: Allocation | None = None
+    reason: str = ""                   # why it is floating, waiting or failed
 
     def wanted(self, tid: int) -> Assignment | None:
         for a in self.assignments:
@@ -42,6 +49,7 @@ class VMPlan:
 @dataclass(frozen=True, slots=True)
 class Plan:
     vms: tuple[VMPlan, ...]
+    allocations: Mapping[Hashable, Allocation] = field(default_factory=dict)  # by VM key
 
     def assignments(self) -> Iterable[Assignment]:
         for v in self.vms:
@@ -49,6 +57,14 @@ class Plan:
 
     def by_tid(self) -> dict[int, CpuSet]:
         return {a.tid: a.cpus for a in self.assignments()}
+
+
+@dataclass(frozen=True, slots=True)
+class PoolDecision:
+    """What the pools gave one VM: an allocation, or a failure and what to do instead."""
+
+    allocation: Allocation | None = None
+    failure: Failure | None = None
 
 
 def rule_for(policy: "Policy", thread: Thread) -> tuple[str, CpuSet] | None:
@@ -80,13 +96,66 @@ def rule_for(policy: "Policy", thread: Thread) -> tuple[str, CpuSet] | None:
     return None
 
 
-def plan_vm(vm: VM, policy: "Policy | None", online: CpuSet) -> VMPlan:
+def vcpu_count(vm: VM) -> int:
+    """vCPUs to place: the -smp count, or more if vCPUs were hot-plugged beyond it."""
+    idx = [t.vcpu for t in vm.threads if t.role is Role.VCPU and t.vcpu is not None]
+    return max([vm.smp.cpus, *(i + 1 for i in idx)])
+
+
+def pool_request(vm: VM, policy: "Policy") -> Request | None:
+    if policy.vcpus_rule is None:
+        return None
+    return Request(key=vm.key, name=vm.display_name, vcpus=vcpu_count(vm), threads_per_core=vm.smp.threads,
+                   rule=policy.vcpus_rule, emulator_isolate=policy.emulator_isolate)
+
+
+def assign(thread: Thread, vm: VM, policy: "Policy", config: "Config", decision: PoolDecision,
+           isolated: CpuSet) -> tuple[str, CpuSet] | None:
+    """The rule and CPUs for one thread of a VM, pools included; None leaves it alone."""
+    rule = policy.vcpus_rule
+    if rule is not None and thread.role is Role.VCPU and thread.vcpu is not None:
+        a = decision.allocation
+        if a is not None:
+            if thread.vcpu < len(a.vcpus):
+                return f"pool {a.pool}", CpuSet(frozenset((a.vcpus[thread.vcpu],)))
+            return None  # hot-plugged past the allocation: the next plan grows it
+        if policy.on_exhausted in config.pools:
+            name = policy.on_exhausted
+            return f"on_exhausted: {name}", config.pools[name].cpus
+        return None  # waiting or failed: left where it is
+    if thread.role is Role.EMULATOR and policy.emulator_isolate:
+        a = decision.allocation
+        if a is not None and a.emulator is not None:
+            return "emulatorpin: isolate", CpuSet(frozenset((a.emulator,)))
+        if a is None and policy.on_exhausted in config.pools:
+            name = policy.on_exhausted
+            return f"on_exhausted: {name}", config.pools[name].cpus - isolated or config.pools[name].cpus
+        return None
+    r = rule_for(policy, thread)
+    if r is not None and thread.role is Role.EMULATOR and policy.emulator_pool is not None:
+        # Emulator threads never land on isolated CPUs through a pool, only through a fixed list.
+        cpus = r[1] - isolated
+        return (r[0], cpus) if cpus else r
+    return r
+
+
+def plan_vm(vm: VM, policy: "Policy | None", online: CpuSet, config: "Config | None" = None,
+            decision: PoolDecision = PoolDecision(), isolated: CpuSet = CpuSet()) -> VMPlan:
     if policy is None:
-        return VMPlan(vm=vm, policy=None, assignments=())
+        return VMPlan(vm=vm, policy=None, assignments=(), status="unmanaged")
     out: list[Assignment] = []
     problems: list[str] = []
+    status, reason = "pinned", ""
+    if policy.vcpus_rule is not None:
+        if decision.allocation is not None:
+            status = "placed"
+        else:
+            reason = decision.failure.reason if decision.failure else "no CPUs allocated"
+            status = {"leave": "waiting", "fail": "failed"}.get(policy.on_exhausted, "floating")
+            if status == "failed":
+                problems.append(f"{reason} (on_exhausted: fail)")
     for t in vm.threads:
-        r = rule_for(policy, t)
+        r = assign(t, vm, policy, config, decision, isolated) if config is not None else rule_for(policy, t)
         if r is None:
             continue
         rule, cpus = r
@@ -99,9 +168,85 @@ def plan_vm(vm: VM, policy: "Policy | None", online: CpuSet) -> VMPlan:
             log.warning("VM %s %s: %s CPUs %s not online, using %s", vm.display_name, t.label, rule,
                         cpus - online, usable)
         out.append(Assignment(pid=vm.pid, tid=t.tid, label=t.label, role=t.role, cpus=usable, rule=rule))
-    return VMPlan(vm=vm, policy=policy.name, assignments=tuple(out), problems=tuple(problems))
+    return VMPlan(vm=vm, policy=policy.name, assignments=tuple(out), problems=tuple(problems), status=status,
+                  allocation=decision.allocation, reason=reason)
 
 
-def plan(config: "Config", vms: Iterable[VM], online: CpuSet) -> Plan:
-    """Match every VM to its policy (first match wins) and resolve each thread's CPUs."""
-    return Plan(vms=tuple(plan_vm(vm, config.select(vm), online) for vm in vms))
+def decide_pools(config: "Config", topology: "Topology | None", vms: Sequence[VM],
+                 policies: Sequence["Policy | None"],
+                 prior: Mapping[Hashable, Allocation] | None = None) -> dict[Hashable, PoolDecision]:
+    """Allocate dedicated pool CPUs for every VM whose policy asks, in the order given."""
+    requests = [r for vm, p in zip(vms, policies) if p is not None and (r := pool_request(vm, p)) is not None]
+    if not requests:
+        return {}
+    if topology is None:
+        raise ValueError("pool placement needs the host topology")
+    allocs, fails = allocate(topology, config.pools, requests, prior or {})
+    out = {k: PoolDecision(allocation=a) for k, a in allocs.items()}
+    out.update({k: PoolDecision(failure=f) for k, f in fails.items()})
+    return out
+
+
+def plan(config: "Config", vms: Iterable[VM], online: CpuSet, topology: "Topology | None" = None,
+         prior: Mapping[Hashable, Allocation] | None = None) -> Plan:
+    """Match every VM to its policy (first match wins), place pooled ones, resolve each thread.
+
+    VMs are considered in the order given (callers pass arrival order); VMs holding a still
+    valid prior allocation keep it.
+    """
+    vms = list(vms)
+    policies = [config.select(vm) for vm in vms]
+    decisions = decide_pools(config, topology, vms, policies, prior)
+    isolated = topology.isolated if topology is not None else CpuSet()
+    vps = tuple(plan_vm(vm, pol, online, config, decisions.get(vm.key, PoolDecision()), isolated)
+                for vm, pol in zip(vms, policies))
+    allocations = {k: d.allocation for k, d in decisions.items() if d.allocation is not None}
+    return Plan(vms=vps, allocations=allocations)
+
+
+def arrival_order(vms: Iterable[VM]) -> list[VM]:
+    """Oldest first: the order in which VMs get their claim on pooled CPUs."""
+    return sorted(vms, key=lambda vm: (vm.starttime, vm.pid))
+
+
+def adopt(config: "Config", vms: Iterable[VM], online: CpuSet) -> dict[Hashable, Allocation]:
+    """Allocations read back from the threads' current affinities (no state file to trust).
+
+    A VM is adopted when each of its vCPUs 0..n-1 is pinned to one CPU of its policy's
+    exclusive pool, none of them taken by a VM adopted before it (arrival order). The
+    allocator then keeps what still satisfies the policy and re-places the rest; a CPU is
+    never adopted twice.
+    """
+    taken: set[int] = set()
+    out: dict[Hashable, Allocation] = {}
+    for vm in arrival_order(vms):
+        policy = config.select(vm)
+        if policy is None or policy.vcpus_rule is None:
+            continue
+        pool = config.pools.get(policy.vcpus_rule.pool)
+        if pool is None or not pool.exclusive:
+            continue
+        usable = pool.cpus & online
+        by_index = {t.vcpu: t.affinity for t in vm.threads if t.role is Role.VCPU and t.vcpu is not None}
+        n = vcpu_count(vm)
+        cpus = []
+        for i in range(n):
+            aff = by_index.get(i)
+            if aff is None or len(aff) != 1 or not aff <= usable or aff.first() in taken or aff.first() in cpus:
+                break
+            cpus.append(aff.first())
+        else:
+            emulator = None
+            if policy.emulator_isolate:
+                main = next((t for t in vm.threads if t.tid == vm.pid), None)
+                if main is not None and len(main.affinity) == 1 and main.affinity <= usable \
+                        and main.affinity.first() not in taken and main.affinity.first() not in cpus:
+                    emulator = main.affinity.first()
+                else:
+                    continue
+            out[vm.key] = Allocation(key=vm.key, pool=pool.name, vcpus=tuple(cpus), emulator=emulator,
+                                     reasons=("adopted from its affinity",) * (n + (emulator is not None)))
+            taken.update(cpus)
+            if emulator is not None:
+                taken.add(emulator)
+    return out

@@ -250,18 +250,19 @@ def test_explicit_missing_config_is_an_error(guests, tmp_path):
 
 
 class KillingOps(OsAffinity):
-    """Real sched_setaffinity, but SIGKILLs one guest just before its first thread is pinned."""
+    """Real sched_{get,set}affinity, but SIGKILLs one guest as its first thread is looked at."""
 
     def __init__(self, victim: Guest):
         super().__init__()
         self.victim = victim
+        self.victim_tids = set(victim.threads())
         self.killed = False
 
-    def set(self, pid, tid, cpus):
-        if pid == self.victim.pid and not self.killed:
+    def get(self, tid):
+        if tid in self.victim_tids and not self.killed:
             self.victim.kill()  # SIGKILL and reap, as libvirtd would
             self.killed = True
-        return super().set(pid, tid, cpus)
+        return super().get(tid)
 
 
 def test_vm_killed_during_apply_does_not_stop_the_others(tmp_path, config):

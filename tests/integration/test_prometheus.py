@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
