@@ -134,6 +134,7 @@ def ps_json(found: Scan, plans: Sequence[VMPlan]) -> dict[str, Any]:
             "pid": vm.pid, "starttime": vm.starttime, "name": vm.name, "uuid": vm.uuid,
             "user": vm.user, "uid": vm.uid, "exe": vm.exe,
             "policy": vp.policy or "unmanaged", "debug_threads": vm.debug_threads,
+            "status": vp.status, "reason": vp.reason, "pool": vp.allocation.pool if vp.allocation else None,
             "smp": {"cpus": vm.smp.cpus, "maxcpus": vm.smp.maxcpus, "sockets": vm.smp.sockets,
                     "dies": vm.smp.dies, "clusters": vm.smp.clusters, "cores": vm.smp.cores,
                     "threads": vm.smp.threads},
@@ -153,8 +154,11 @@ def ps_table(plans: Sequence[VMPlan]) -> str:
         vm = vp.vm
         s = vm.smp
         topo = f"{s.cpus} vCPUs ({s.sockets}s/{s.cores}c/{s.threads}t)"
+        status = f" ({vp.status})" if vp.status not in ("pinned", "unmanaged") else ""
         out.append(_cut(f"{vm.display_name}  pid {vm.pid}  user {vm.user or vm.uid}  "
-                        f"policy {vp.policy or 'unmanaged'}  {topo}", 80))
+                        f"policy {vp.policy or 'unmanaged'}{status}  {topo}", 80))
+        if vp.reason:
+            out.append(_cut(f"  {vp.status}: {vp.reason}", 80))
         out.append(f"  {'TID':>7}  {'ROLE':<12} {'PSR':>3}  {'AFFINITY':<16} {'WANT':<16} COMM")
         for t in vm.threads:
             a = vp.wanted(t.tid)

@@ -136,6 +136,7 @@ class Daemon:
         # What readers (the metrics thread) see: replaced whole, never mutated.
         self.snapshot = Snapshot(version=__version__)
         self._dirty = True
+        self._status_sent = ""
         self.metrics_listen: str | None = None  # overrides the config's metrics.listen
         self.metrics_server: Any = None
         self.metrics_address: tuple[str, int] | None = None
@@ -273,6 +274,10 @@ class Daemon:
             self.next_rescan = self.clock() + self.config.rescan_interval
         if self._dirty:
             self.publish()
+            line = self.status_line()
+            if line != self._status_sent:
+                self.notifier.status(line)
+                self._status_sent = line
 
     def dispatch(self, source: str) -> None:
         if source == "signal":
@@ -438,7 +443,8 @@ class Daemon:
                 self.forget(pid)
         if reason == "startup":
             self.allocations = load_priors(self.config, arrival_order(found.vms), self.online)
-        decisions = self.place(found.vms)
+        # At startup the file is rewritten whole: it may have been corrupt, or name dead VMs.
+        decisions = self.place(found.vms, save=reason == "startup" and bool(self.allocations))
         for vm in arrival_order(found.vms):
             self.apply_vm(vm, decisions.get(vm.key, PoolDecision()))
         self.sample_vcpu_time()
@@ -460,13 +466,13 @@ class Daemon:
         self.stats.reconcile_hist.observe(time.perf_counter() - t0)
         self._dirty = True
 
-    def place(self, vms: list[VM]) -> dict[Any, PoolDecision]:
+    def place(self, vms: list[VM], save: bool = False) -> dict[Any, PoolDecision]:
         """Pool CPUs for every live VM (arrival order); VMs keep what they hold; saves changes."""
         order = arrival_order(vms)
         decisions = decide_pools(self.config, self.topology, order, [self.config.select(vm) for vm in order],
                                  self.allocations)
         allocations = {k: d.allocation for k, d in decisions.items() if d.allocation is not None}
-        if allocations != self.allocations:
+        if allocations != self.allocations or save:
             for k, a in allocations.items():
                 if self.allocations.get(k) != a:
                     log.info("pid %d gets pool %s CPUs %s", k[0], a.pool, a.cpus)
