@@ -64,3 +64,84 @@ def test_rule_for_kernel_is_none():
     vm = classify(CORE8)
     k = [t for t in vm.threads if t.role.value == "kernel"][0]
     assert rule_for(Policy(name="x", affinity=C("0")), k) is None
+
+
+# --- pools -----------------------------------------------------------------------------------
+import dataclasses  # noqa: E402
+
+from vcpud.procfs import ProcessSnapshot, ThreadSnapshot  # noqa: E402
+from vcpud.placement import adopt, arrival_order  # noqa: E402
+from vcpud.policy import parse_config_text  # noqa: E402
+from tests.unit.test_pools import synth  # noqa: E402
+
+
+def guest(pid, name, vcpus=2, affinity=None, start=None):
+    """A debug-threads guest: main thread + vCPU threads, each with the given affinity."""
+    aff = affinity or {}
+    threads = [ThreadSnapshot(pid, "qemu-system-x86", "S", 138412480, 0, 0, 0, 1, aff.get("main", C("0-15")))]
+    threads += [ThreadSnapshot(pid + 1 + i, f"CPU {i}/KVM", "S", 138412224, 0, 0, 0, 1, aff.get(i, C("0-15")))
+                for i in range(vcpus)]
+    snap = ProcessSnapshot(pid=pid, starttime=start or pid, comm="qemu-system-x86", exe="/usr/bin/qemu-system-x86_64",
+                           cmdline=("qemu-system-x86_64", "-name", f"guest={name},debug-threads=on",
+                                    "-smp", str(vcpus)), uid=0, threads=tuple(threads))
+    return classify(snap)
+
+
+POOLS = """\
+pools:
+  dedicated: {{cpus: "{dedicated}", exclusive: true}}
+  shared: {{cpus: "0,8"}}
+policies:
+  - name: db
+    match: {{name: "db*"}}
+    vcpus: {{pool: dedicated}}
+    emulatorpin: {{pool: shared}}
+    on_exhausted: shared
+"""
+
+
+def test_reload_that_shrinks_a_pool_moves_only_the_vms_that_must():
+    topo = synth(cores_per_node=(8,), smt=2)  # CPUs 0-15, core c = {c, c+8}
+    vms = [guest(100, "db1"), guest(200, "db2"), guest(300, "db3")]
+    before = parse_config_text(POOLS.format(dedicated="1-7,9-15"))
+    p1 = plan(before, vms, topo.online, topo)
+    held = {vm.pid: p1.allocations[vm.key].vcpus for vm in vms}
+    assert len({c for v in held.values() for c in v}) == 6
+    # take away exactly the CPUs db2 holds
+    shrunk = parse_config_text(POOLS.format(dedicated=(CpuSet.parse("1-7,9-15") - CpuSet.of(held[200])).format()))
+    p2 = plan(shrunk, vms, topo.online, topo, prior=p1.allocations)
+    assert p2.allocations[vms[0].key] is p1.allocations[vms[0].key]
+    assert p2.allocations[vms[2].key] is p1.allocations[vms[2].key]
+    assert p2.allocations[vms[1].key].vcpus != held[200]
+    assert not set(p2.allocations[vms[1].key].vcpus) & set(held[200])
+
+
+def test_emulator_never_on_isolated_cpus_through_a_pool():
+    topo = dataclasses.replace(synth(cores_per_node=(8,), smt=2), isolated=CpuSet.parse("8"))
+    cfg = parse_config_text(POOLS.format(dedicated="1-7,9-15"))
+    vp = plan(cfg, [guest(100, "db1")], topo.online, topo).vms[0]
+    emu = {a.label: a for a in vp.assignments}["emulator"]
+    assert emu.cpus == C("0")  # the shared pool is 0,8 but 8 is isolated
+    assert vp.status == "placed"
+
+
+def test_exhausted_vm_floats_over_on_exhausted_pool_and_emulator_follows():
+    topo = synth(cores_per_node=(8,), smt=2)
+    cfg = parse_config_text(POOLS.format(dedicated="1-2"))
+    p = plan(cfg, [guest(100, "db1"), guest(200, "db2")], topo.online, topo)
+    first, second = p.vms
+    assert first.status == "placed" and second.status == "floating"
+    assert "exhausted" in second.reason
+    assert {a.label: a.cpus for a in second.assignments}["vcpu 0"] == C("0,8")
+
+
+def test_adopt_from_live_affinities_never_twice():
+    topo = synth(cores_per_node=(8,), smt=2)
+    cfg = parse_config_text(POOLS.format(dedicated="1-7,9-15"))
+    a = guest(100, "db1", affinity={0: C("3"), 1: C("4")})
+    b = guest(200, "db2", affinity={0: C("4"), 1: C("5")})   # claims 4 too: younger, not adopted
+    c = guest(300, "db3", affinity={0: C("6"), 1: C("0")})   # 0 is outside the pool
+    d = guest(400, "db4", affinity={0: C("9"), 1: C("10")})
+    got = adopt(cfg, [d, c, b, a], topo.online)
+    assert {k[0]: v.vcpus for k, v in got.items()} == {100: (3, 4), 400: (9, 10)}
+    assert [vm.pid for vm in arrival_order([d, c, b, a])] == [100, 200, 300, 400]
