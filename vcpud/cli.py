@@ -190,7 +190,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     found = scan(Procfs(Path(args.proc)), cfg.executables)
     _hint_unreadable(found)
     vms = arrival_order(found.vms)
-    p = plan(cfg, vms, online, topo, load_priors(cfg, vms, online))
+    p = plan(cfg, vms, online, topo, load_priors(cfg, vms, online, topo))
     if args.json:
         print(json.dumps(ps_json(found, p.vms), indent=2))
     else:
@@ -268,7 +268,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         live = arrival_order(found.vms)
     else:
         print(f"vcpud: topology from {args.sysroot}: this host's VMs are not part of the plan", file=sys.stderr)
-    p = plan(cfg, live + imagined, online, topo, load_priors(cfg, live, online) if live else {})
+    p = plan(cfg, live + imagined, online, topo, load_priors(cfg, live, online, topo) if live else {})
     rows = [plan_json(vp, cfg, topo.isolated) for vp in p.vms]
     free = free_cpus(cfg.pools, topo, list(p.allocations.values()))
     pools = {name: {"cpus": list(spec.cpus & online), "exclusive": spec.exclusive,

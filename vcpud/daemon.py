@@ -442,7 +442,7 @@ class Daemon:
             if pid not in alive:
                 self.forget(pid)
         if reason == "startup":
-            self.allocations = load_priors(self.config, arrival_order(found.vms), self.online)
+            self.allocations = load_priors(self.config, arrival_order(found.vms), self.online, self.topology)
         # At startup the file is rewritten whole: it may have been corrupt, or name dead VMs.
         decisions = self.place(found.vms, save=reason == "startup" and bool(self.allocations))
         for vm in arrival_order(found.vms):

@@ -52,7 +52,8 @@ class Report:
         return all(v.ok for v in self.vms)
 
 
-def load_priors(config: "Config", vms: Iterable[VM], online: CpuSet) -> dict[Hashable, Allocation]:
+def load_priors(config: "Config", vms: Iterable[VM], online: CpuSet,
+                topology: "Topology | None" = None) -> dict[Hashable, Allocation]:
     """Who holds which pooled CPUs: the state file for VMs still alive (same pid and start
     time), or, when it is missing or corrupt, what the live affinities show."""
     vms = list(vms)
@@ -64,7 +65,7 @@ def load_priors(config: "Config", vms: Iterable[VM], online: CpuSet) -> dict[Has
         if bad:
             raise state.StateError("state file double-books: " + "; ".join(bad))
     except state.StateError as e:
-        adopted = adopt(config, vms, online)
+        adopted = adopt(config, vms, online, topology)
         log.warning("%s; rebuilt from live affinities: adopted %d VMs", e, len(adopted))
         for key, a in adopted.items():
             log.info("adopted pid %d: vCPUs on %s", key[0], ",".join(map(str, a.vcpus)))
@@ -103,7 +104,7 @@ def reconcile(
         log.debug("pid %d runs %s: not a VM (%s)", r.pid, r.exe, r.reason)
     vms = arrival_order(found.vms)
     if prior is None:
-        prior = load_priors(config, vms, online)
+        prior = load_priors(config, vms, online, topology)
     p = plan(config, vms, online, topology, prior)
     reports = []
     for vp in p.vms:

@@ -209,14 +209,17 @@ def arrival_order(vms: Iterable[VM]) -> list[VM]:
     return sorted(vms, key=lambda vm: (vm.starttime, vm.pid))
 
 
-def adopt(config: "Config", vms: Iterable[VM], online: CpuSet) -> dict[Hashable, Allocation]:
+def adopt(config: "Config", vms: Iterable[VM], online: CpuSet,
+          topology: "Topology | None" = None) -> dict[Hashable, Allocation]:
     """Allocations read back from the threads' current affinities (no state file to trust).
 
     A VM is adopted when each of its vCPUs 0..n-1 is pinned to one CPU of its policy's
     exclusive pool, none of them taken by a VM adopted before it (arrival order). The
     allocator then keeps what still satisfies the policy and re-places the rest; a CPU is
-    never adopted twice.
+    never adopted twice. For `isolate` and `full-cores` the free siblings of its cores are
+    held too (given the topology), as the allocator would have done.
     """
+    siblings = {c.cpu: c.siblings for c in topology.cpus} if topology is not None else {}
     taken: set[int] = set()
     out: dict[Hashable, Allocation] = {}
     for vm in arrival_order(vms):
@@ -244,9 +247,15 @@ def adopt(config: "Config", vms: Iterable[VM], online: CpuSet) -> dict[Hashable,
                     emulator = main.affinity.first()
                 else:
                     continue
+            used = set(cpus) | ({emulator} if emulator is not None else set())
+            reserved = CpuSet()
+            if policy.vcpus_rule.smt in ("isolate", "full-cores") and siblings:
+                reserved = CpuSet(frozenset(s for c in used for s in siblings.get(c, ()))) & usable
+                reserved = reserved - CpuSet(frozenset(used))
+                if reserved.cpus & taken:
+                    continue  # its core is shared with a VM adopted before: let the allocator re-place it
             out[vm.key] = Allocation(key=vm.key, pool=pool.name, vcpus=tuple(cpus), emulator=emulator,
+                                     reserved=reserved,
                                      reasons=("adopted from its affinity",) * (n + (emulator is not None)))
-            taken.update(cpus)
-            if emulator is not None:
-                taken.add(emulator)
+            taken.update(used | set(reserved))
     return out

@@ -145,3 +145,14 @@ def test_adopt_from_live_affinities_never_twice():
     got = adopt(cfg, [d, c, b, a], topo.online)
     assert {k[0]: v.vcpus for k, v in got.items()} == {100: (3, 4), 400: (9, 10)}
     assert [vm.pid for vm in arrival_order([d, c, b, a])] == [100, 200, 300, 400]
+
+
+def test_adopt_isolate_holds_the_siblings():
+    topo = synth(cores_per_node=(8,), smt=2)
+    cfg = parse_config_text(POOLS.format(dedicated="1-7,9-15").replace("{pool: dedicated}",
+                                                                        "{pool: dedicated, smt: isolate}"))
+    a = guest(100, "db1", affinity={0: C("3"), 1: C("4")})
+    b = guest(200, "db2", affinity={0: C("11"), 1: C("5")})  # 11 is 3's sibling, held for db1
+    got = adopt(cfg, [a, b], topo.online, topo)
+    assert got[a.key].reserved == C("11-12")
+    assert b.key not in got
