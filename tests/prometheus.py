@@ -50,6 +50,7 @@ class PrometheusServer:
         self.dir = Path(tmp) / f"prometheus-{time.monotonic_ns()}"
         self.dir.mkdir(parents=True)
         self.targets = list(targets)
+        self.job = job
         self.config = self.dir / "prometheus.yml"
         self.config.write_text(yaml.safe_dump({
             "global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
@@ -163,7 +164,7 @@ class PrometheusServer:
         while True:
             ts = self.active_targets()
             if len(ts) == len(self.targets) and all(t["health"] == "up" for t in ts):
-                expr = f'count_over_time(up{{job="{JOB}"}}[1m]) >= 2'
+                expr = f'count_over_time(up{{job="{self.job}"}}[1m]) >= 2'
                 if len(self.query(expr)) == len(self.targets):
                     return
             if time.monotonic() > deadline:

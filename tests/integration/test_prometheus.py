@@ -32,9 +32,9 @@ def need_prometheus() -> None:
 
 
 def check_all_queries(prom: PrometheusServer, instance: str) -> dict[str, int]:
-    """Run every dashboard query ($instance as ".+", as the brief for these checks has it: this
-    Prometheus scrapes only ``instance``) and alert expression; all must succeed, the key panels
-    must return data, the $instance variable must offer ``instance``. Returns {where: number of series}."""
+    """Run every dashboard query ($instance as the regex ".+", any host: this Prometheus scrapes only
+    ``instance``) and alert expression; all must succeed, the key panels must return data, and the
+    $instance variable must offer ``instance``. Returns {where: number of series}."""
     sizes: dict[str, int] = {}
     errors = []
     for where, expr in dashboard_queries(instance=".+") + alert_queries():
@@ -108,6 +108,15 @@ policies:
     match: {name: "web*"}
     affinity: "0"
 """
+
+
+def scrape(target: str) -> str:
+    """vcpud's own /metrics, the per-VM and per-CPU part (for failure messages)."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://{target}/metrics", timeout=5) as r:
+        body = r.read().decode()
+    return "\n".join(line for line in body.splitlines()
+                     if line.startswith(("vcpud_vm_info", "vcpud_cpu_pinned_threads", "vcpud_threads")))
 
 
 def per_cpu_from_proc(guests) -> dict[str, int]:
@@ -191,8 +200,9 @@ def test_daemon_metrics_in_prometheus(tmp_path):
             prom.wait_for(f"vcpud_config_last_reload_successful{sel} == 0", bool, timeout=15,
                           what="reload failure in Prometheus")
             prom.wait_for('ALERTS{alertname="VcpudConfigReloadFailed", alertstate="pending"}', bool, timeout=15)
-            assert prom.values(f'vcpud_cpu_pinned_threads{{instance="{target}", role="vcpu"}}', "cpu") == \
-                {("0",): 3, ("1",): 1}, "a failed reload changed the pinning"
+            after = prom.values(f'vcpud_cpu_pinned_threads{{instance="{target}", role="vcpu"}}', "cpu")
+            assert after == {("0",): 3, ("1",): 1}, \
+                f"a failed reload changed the pinning: {after}\n{scrape(target)}\n{daemon.log()[-6000:]}"
 
             sizes = check_all_queries(prom, target)
             print(f"{len(sizes)} queries ran; empty: {sorted(w for w, n in sizes.items() if not n)}")
