@@ -189,7 +189,7 @@ def bench_loop(snap: Snapshot, seconds: float) -> None:
             print(f"  {n} scrapes in {seconds + 0.5:.1f} s by another process, each of a new snapshot; "
                   f"{late / len(busy):.1%} of wake-ups more than 1 ms late")
         print(f"  (a scrape renders in the server thread holding the GIL; a thread waiting for it gets it "
-              f"when the render ends or after the {sys.getswitchinterval() * 1e3:.0f} ms switch interval)")
+              f"when the render ends or after the {sys.getswitchinterval() * 1e3:g} ms switch interval)")
     finally:
         server.stop()
 
@@ -200,7 +200,11 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=64)
     ap.add_argument("--scrapes", type=int, default=100)
     ap.add_argument("--seconds", type=float, default=3.0, help="per phase of the loop measurement")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval() in seconds (vcpud run sets 0.0005 when it serves metrics)")
     args = ap.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     snap = big_snapshot(args.vms, args.cpus)
     threads = sum(len(v.threads) for v in snap.vms)
     print(f"snapshot: {len(snap.vms)} VMs, {threads} threads, {len(snap.online)} online CPUs")
