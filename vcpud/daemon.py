@@ -710,6 +710,8 @@ class Daemon:
             config_last_reload_success_timestamp=s.last_reload_success,
         )
         self._dirty = False
+        if self.metrics_server is not None:
+            self.metrics_server.published()
 
     def pool_allocated(self, pool: str) -> CpuSet:
         held = CpuSet()

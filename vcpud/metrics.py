@@ -79,6 +79,7 @@ import selectors
 import socket
 import socketserver
 import threading
+import time
 from collections import Counter
 from typing import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -501,6 +502,10 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
         log.debug("metrics: error serving %s", client_address, exc_info=True)
 
 
+# Snapshots change after every event burst; rendering each at once would cost the loop GIL time.
+PRERENDER_INTERVAL = 0.1
+
+
 class MetricsServer:
     """Serves ``/metrics`` for ``source()`` from a daemon thread; ``start()`` then ``stop()``."""
 
@@ -513,6 +518,9 @@ class MetricsServer:
         self._wake_w: socket.socket | None = None
         self._stopping = False
         self._cache: tuple[object, bytes] | None = None
+        self._render_lock = threading.Lock()
+        self._pub_r: socket.socket | None = None
+        self._pub_w: socket.socket | None = None
         self.address: tuple[str, int] | None = None
 
     def start(self, listen: str) -> tuple[str, int]:
@@ -532,6 +540,9 @@ class MetricsServer:
         httpd.set_app(self._app)
         self._httpd = httpd
         self._wake_r, self._wake_w = socket.socketpair()
+        self._pub_r, self._pub_w = socket.socketpair()
+        for sock in (self._pub_r, self._pub_w):
+            sock.setblocking(False)
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="vcpud-metrics", daemon=True)
         self._thread.start()
@@ -552,25 +563,56 @@ class MetricsServer:
             pass
         self._thread.join(timeout=2)
         httpd.server_close()
-        for s in (self._wake_r, self._wake_w):
-            if s is not None:
-                s.close()
-        self._wake_r = self._wake_w = None
+        for sock in (self._wake_r, self._wake_w, self._pub_r, self._pub_w):
+            if sock is not None:
+                sock.close()
+        self._wake_r = self._wake_w = self._pub_r = self._pub_w = None
         self._thread = None
 
+    def published(self) -> None:
+        """The source has a new snapshot: render it ahead of the next scrape (never blocks)."""
+        w = self._pub_w
+        if w is not None:
+            try:
+                w.send(b"p")
+            except OSError:
+                pass  # full (a render is due anyway) or stopped
+
     def _serve(self) -> None:
-        """Accept loop: sleeps until a client connects or stop() wakes it (no periodic polling)."""
-        httpd, wake = self._httpd, self._wake_r
-        assert httpd is not None and wake is not None
+        """Accept loop: sleeps until a client connects, a snapshot is published, or stop().
+
+        A published snapshot is rendered here, at most every PRERENDER_INTERVAL seconds, so
+        that a scrape finds the bytes ready instead of rendering while Prometheus waits.
+        """
+        httpd, wake, pub = self._httpd, self._wake_r, self._pub_r
+        assert httpd is not None and wake is not None and pub is not None
+        due: float | None = None
+        last = 0.0
         with selectors.DefaultSelector() as sel:
             sel.register(httpd.socket, selectors.EVENT_READ)
             sel.register(wake, selectors.EVENT_READ)
+            sel.register(pub, selectors.EVENT_READ)
             while not self._stopping:
-                for key, _ in sel.select():
+                timeout = None if due is None else max(0.0, due - time.monotonic())
+                for key, _ in sel.select(timeout):
                     if self._stopping:
                         return
                     if key.fileobj is httpd.socket:
                         httpd._handle_request_noblock()
+                    elif key.fileobj is pub:
+                        try:
+                            while pub.recv(4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                        if due is None:
+                            due = max(time.monotonic(), last + PRERENDER_INTERVAL)
+                if due is not None and time.monotonic() >= due:
+                    due, last = None, time.monotonic()
+                    try:
+                        self.scrape()
+                    except Exception:  # the scrape itself will report it
+                        log.exception("metrics: cannot render")
 
     def scrape(self) -> bytes:
         """The body of one scrape: the text format of ``source()``'s snapshot, rendered once per snapshot.
@@ -579,13 +621,14 @@ class MetricsServer:
         reuse the bytes rendered for the current one (Prometheus HA pairs, a dashboard and ``curl``
         then cost nothing). The cache is one (snapshot, bytes) tuple swapped whole.
         """
-        snap = self.source()
-        cached = self._cache
-        if cached is not None and cached[0] is snap:
-            return cached[1]
-        body = exposition(snap)
-        self._cache = (snap, body)
-        return body
+        with self._render_lock:  # a scrape during a pre-render waits for it rather than repeat it
+            snap = self.source()
+            cached = self._cache
+            if cached is not None and cached[0] is snap:
+                return cached[1]
+            body = exposition(snap)
+            self._cache = (snap, body)
+            return body
 
     def _app(self, environ: dict, start_response: Callable) -> list[bytes]:
         path = environ.get("PATH_INFO") or "/"
