@@ -425,3 +425,24 @@ def test_setup_script_installs_promtool():
     assert " prometheus" in need.replace(")", " )"), need
     if shutil.which("promtool") is None:
         skip_or_fail("promtool not installed: run contrib/setup-dev.sh")
+
+
+def test_published_snapshot_is_rendered_before_any_scrape():
+    box = {"snap": Snapshot(version="a")}
+    server = MetricsServer(lambda: box["snap"])
+    server.start("127.0.0.1:0")
+    try:
+        new = Snapshot(version="b", online=CpuSet.parse("0-3"))
+        box["snap"] = new
+        server.published()
+        deadline = time.monotonic() + 2
+        while (server._cache is None or server._cache[0] is not new) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server._cache is not None and server._cache[0] is new, "not pre-rendered"
+        assert server._cache[1] == exposition(new)
+        host, port = server.address
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
+            assert r.read() == exposition(new)
+    finally:
+        server.stop()
+    server.published()  # after stop: a no-op, not an error
