@@ -438,6 +438,8 @@ class Daemon:
         known = {pid: st.vm for pid, st in self.vms.items()} if reason == "rescan" else None
         found = scan(self.procfs, self.config.executables, known=known)
         self.stats.vanished += found.vanished
+        # Exits lost to a connector overrun would leave stale entries behind.
+        self.not_vm &= set(self.procfs.pids())
         alive = {vm.pid for vm in found.vms}
         for pid in list(self.vms):
             if pid not in alive:
@@ -624,6 +626,8 @@ class Daemon:
             log.error("reload failed (%s), keeping the running policy", e)
             self.notifier.ready(self.status_line())
             return
+        if new.metrics_listen != self.config.metrics_listen and self.metrics_listen is None:
+            log.warning("metrics.listen changed to %s: takes effect when vcpud restarts", new.metrics_listen)
         self.stats.reloads_ok += 1
         self.stats.last_reload_ok = True
         self.stats.last_reload_success = time.time()
