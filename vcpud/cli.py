@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from . import __version__
 from .cpuset import CpuSet
 from .discovery import VM, Role, Scan, Smp, Thread, scan
-from .engine import Report, load_priors, reconcile
+from .engine import load_priors, reconcile
 from .pinning import OsAffinity, Outcome
 from .placement import PoolDecision, VMPlan, arrival_order, assign, plan, vcpu_count
 from .pools import free_cpus

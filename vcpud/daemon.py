@@ -16,18 +16,17 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable
 
+from . import __version__, state
 from .cpuset import CpuSet
 from .discovery import VM, Role, classify_new_thread, scan, verify_executable
-from .pinning import AffinityOps, OsAffinity, Outcome, PinResult, pin_one
 from .engine import load_priors
+from .pinning import AffinityOps, OsAffinity, Outcome, PinResult, pin_one
 from .placement import Assignment, PoolDecision, VMPlan, arrival_order, assign, decide_pools, plan_vm
 from .policy import Config, ConfigError, Policy, load_config
 from .procfs import Procfs, Vanished
-from . import state
 from .sdnotify import Notifier
 from .snapshot import (DURATION_BUCKETS, LATENCY_BUCKETS, Histogram, PoolView, Snapshot, ThreadView,
                        VMView)
-from . import __version__
 from .topology import read_topology
 
 log = logging.getLogger(__name__)

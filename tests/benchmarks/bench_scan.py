@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from tests.qemu import start_guest
-from vcpud.cpuset import CpuSet
 from vcpud.discovery import scan
 from vcpud.engine import reconcile
 from vcpud.pinning import OsAffinity

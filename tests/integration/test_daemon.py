@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import skip_or_fail
 from tests.daemon_harness import DaemonProc, Qmp
-from tests.integration.test_apply_qemu import ONLINE, need_host
+from tests.integration.test_apply_qemu import need_host
 from tests.qemu import Guest, start_guest
 
 pytestmark = pytest.mark.qemu

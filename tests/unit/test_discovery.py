@@ -4,7 +4,7 @@ import pytest
 
 from vcpud.cpuset import CpuSet
 from vcpud.discovery import (
-    Role, Smp, classify, kvm_run_fd, needs_syscall, option_values, parse_name, parse_smp, parse_uuid,
+    Smp, classify, kvm_run_fd, needs_syscall, option_values, parse_name, parse_smp, parse_uuid,
     path_matches, split_qemu_opts,
 )
 from vcpud.procfs import ProcessSnapshot, ThreadSnapshot, parse_stat

@@ -5,7 +5,7 @@ import pytest
 
 from vcpud.cpuset import CpuSet
 from vcpud.pools import Allocation
-from vcpud.state import Saved, StateError, conflicts, decode, encode, load, save
+from vcpud.state import Saved, StateError, conflicts, decode, load, save
 
 
 def saved(pid, cpus, emulator=None, reserved=""):
