@@ -266,3 +266,47 @@ def test_storm_of_50_guests_and_a_kill_mid_pinning(tmp_path, daemon_factory):
     after = d.counts()
     assert d.alive()
     assert after == before, f"daemon (threads, fds) before {before}, after {after}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metric(url: str, name: str, labels: str) -> float:
+    import urllib.request
+
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    for line in body.splitlines():
+        if line.startswith(f"{name}{{{labels}}} "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{{{labels}}} not in /metrics")
+
+
+def test_busy_vcpu_time_is_counted_on_its_cpu(tmp_path, daemon_factory, guests):
+    """A guest that runs (SeaBIOS looks for a boot device for a few seconds) burns CPU on its vCPU's CPU."""
+    cfg = tmp_path / "vcpud.yaml"
+    cfg.write_text('rescan_interval: 300ms\npolicies:\n  - name: core\n    match: {name: "core*"}\n'
+                   '    vcpupin: {0: "1"}\n')
+    port = _free_port()
+    daemon_factory(cfg, "--metrics-listen", f"127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}/metrics"
+    g = guests("core-busy", smp="1", paused=False)
+    vcpu = next(t for t, c in g.threads().items() if c == "CPU 0/KVM")
+    wait_until_pinned(g, lambda c: "1" if c == "CPU 0/KVM" else None, timeout=1.0)
+    t0 = time.monotonic()
+    ticks0 = sum(int(x) for x in Path(f"/proc/{g.pid}/task/{vcpu}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+    time.sleep(2.0)
+    ticks1 = sum(int(x) for x in Path(f"/proc/{g.pid}/task/{vcpu}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+    burnt = (ticks1 - ticks0) / os.sysconf("SC_CLK_TCK")
+    if burnt < 0.2:
+        skip_or_fail(f"the guest's vCPU only ran {burnt:.2f}s in 2s: nothing to count")
+    time.sleep(0.7)  # one more rescan samples the last ticks
+    counted = _metric(url, "vcpud_cpu_vcpu_seconds_total", 'cpu="1"')
+    elapsed = time.monotonic() - t0
+    assert counted >= burnt * 0.5, (counted, burnt)
+    assert counted <= elapsed + 0.5, (counted, elapsed)  # one vCPU cannot use more than the wall time
+    assert _metric(url, "vcpud_cpu_vcpu_seconds_total", 'cpu="0"') == 0.0
