@@ -246,12 +246,22 @@ def test_storm_of_50_guests_and_a_kill_mid_pinning(tmp_path, daemon_factory):
     d = daemon_factory(cfg)
     before = d.counts()
     gs: list[Guest] = []
+    victims: list[tuple[Guest, float]] = []
+    rng = __import__("random").Random(7)
     try:
-        victim = start_guest(tmp_path, "web-victim", smp="2", wait_vcpus=False)
         for i in range(50):
             gs.append(start_guest(tmp_path, f"web-storm{i}", smp="2", wait_vcpus=False))
-            if i == 0:
-                victim.kill()  # killed while the daemon is busy with its creation
+            if i % 5 == 0:
+                # 10 managed VMs SIGKILLed 0-60 ms after their start: while the daemon is
+                # discovering them, pinning their threads, or following up on their vCPUs
+                victims.append((start_guest(tmp_path, f"web-victim{i}", smp="2", wait_vcpus=False),
+                                time.monotonic() + rng.uniform(0, 0.06)))
+            for v, when in victims:
+                if time.monotonic() >= when:
+                    v.kill()
+        for v, when in victims:
+            time.sleep(max(0.0, when - time.monotonic()))
+            v.kill()
         t0 = time.monotonic()
         deadline = t0 + 30
         for g in gs:
