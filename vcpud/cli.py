@@ -26,8 +26,11 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
-def _topology(sysroot: Path):
-    return read_topology(sysroot)
+def _setup(args: argparse.Namespace, required: bool) -> tuple[Any, Config] | None:
+    """This host's (or --sysroot's) topology and the config checked against it; None: errors printed."""
+    topo = read_topology(Path(args.sysroot))
+    cfg = _load(args.config, topo.online, required=required)
+    return None if cfg is None else (topo, cfg)
 
 
 def _load(path: Path | None, online: CpuSet, required: bool) -> Config | None:
@@ -63,9 +66,10 @@ def cmd_topology(args: argparse.Namespace) -> int:
 
 # --- check --------------------------------------------------------------------------
 def cmd_check(args: argparse.Namespace) -> int:
-    cfg = _load(args.config, _topology(Path(args.sysroot)).online, required=True)
-    if cfg is None:
+    setup = _setup(args, required=True)
+    if setup is None:
         return EXIT_CONFIG
+    cfg = setup[1]
     print(f"{', '.join(cfg.files)}: OK, {len(cfg.policies)} policies, {len(cfg.pools)} pools")
     return EXIT_OK
 
@@ -94,11 +98,11 @@ def _vm_line(v: VMPlan, results: Sequence[Any], dry_run: bool) -> list[str]:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    topo = _topology(Path(args.sysroot))
-    online = topo.online
-    cfg = _load(args.config, online, required=True)
-    if cfg is None:
+    setup = _setup(args, required=True)
+    if setup is None:
         return EXIT_CONFIG
+    topo, cfg = setup
+    online = topo.online
     report = reconcile(cfg, online, Procfs(Path(args.proc)), OsAffinity(Path(args.proc)), dry_run=args.dry_run,
                        topology=topo)
     _hint_unreadable(report.scan)
@@ -182,11 +186,11 @@ def _hint_unreadable(found: Scan) -> None:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    topo = _topology(Path(args.sysroot))
-    online = topo.online
-    cfg = _load(args.config, online, required=False)
-    if cfg is None:
+    setup = _setup(args, required=False)
+    if setup is None:
         return EXIT_CONFIG
+    topo, cfg = setup
+    online = topo.online
     found = scan(Procfs(Path(args.proc)), cfg.executables)
     _hint_unreadable(found)
     vms = arrival_order(found.vms)
@@ -251,11 +255,11 @@ def _vcpu_map(vcpus: dict[str, list[int]]) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    topo = _topology(Path(args.sysroot))
-    online = topo.online
-    cfg = _load(args.config, online, required=True)
-    if cfg is None:
+    setup = _setup(args, required=True)
+    if setup is None:
         return EXIT_CONFIG
+    topo, cfg = setup
+    online = topo.online
     try:
         imagined = [what_if_vm(i, spec) for i, spec in enumerate(args.what_if or [])]
     except ValueError as e:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import DUMPS, REPO, SHARED_TOPOLOGIES, _unpack
+from tests.test_plan_cli import config_for
 from vcpud.topology import read_topology
 
 
@@ -22,20 +23,7 @@ def main() -> None:
         roots = {n: _unpack(SHARED_TOPOLOGIES / f"{n}.tar.gz", tmp) for n in DUMPS}
         name = max(roots, key=lambda n: len(read_topology(roots[n]).online))
         topo = read_topology(roots[name])
-        house = topo.cores[0]
-        cfg = tmp / "vcpud.yaml"
-        cfg.write_text(f"""\
-state_file: {tmp / 'state.json'}
-pools:
-  dedicated: {{cpus: "{(topo.online - house).format()}", exclusive: true}}
-  shared: {{cpus: "{house.format()}"}}
-policies:
-  - name: db
-    match: {{name: "db*"}}
-    vcpus: {{pool: dedicated, smt: mirror, numa: single, cache: l3}}
-    emulatorpin: {{pool: shared}}
-    on_exhausted: shared
-""")
+        cfg, _ = config_for(tmp, topo)
         t_per_core = topo.smt_threads_per_core
         args = [sys.executable, "-m", "vcpud", "plan", "--config", str(cfg), "--sysroot", str(roots[name]), "--json"]
         for i in range(500):
