@@ -120,3 +120,11 @@ def test_every_error_is_reported_at_once(tmp_path):
 def test_missing_config(tmp_path):
     p = run_vcpud("check", "--config", str(tmp_path / "absent.yaml"))
     assert p.returncode == 2 and f"{tmp_path / 'absent.yaml'}:1:1:" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "apply", "ps", "plan", "run"])
+def test_unreadable_sysroot_is_an_error_not_a_traceback(command, tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    p = run_vcpud(command, "--sysroot", str(tmp_path / "nope"), "--config", str(repo / "config" / "vcpud.yaml"))
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr and "nope" in p.stderr, p.stderr

@@ -28,7 +28,11 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 def _setup(args: argparse.Namespace, required: bool) -> tuple[Any, Config] | None:
     """This host's (or --sysroot's) topology and the config checked against it; None: errors printed."""
-    topo = read_topology(Path(args.sysroot))
+    try:
+        topo = read_topology(Path(args.sysroot))
+    except OSError as e:
+        print(f"vcpud: cannot read the CPU topology under {args.sysroot}: {e}", file=sys.stderr)
+        return None
     cfg = _load(args.config, topo.online, required=required)
     return None if cfg is None else (topo, cfg)
 
@@ -313,6 +317,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         for issue in e.issues:
             log.error("%s", issue)
         return EXIT_CONFIG
+    except OSError as e:
+        log.error("cannot read the CPU topology under %s: %s", args.sysroot, e)
+        return EXIT_FAILED
     return d.run()
 
 
