@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export DEBIAN_FRONTEND=noninteractive
-need=(qemu-system-x86 qemu-utils libsystemd-dev pkg-config gcc python3-dev python3-venv util-linux systemd-container prometheus)
+need=(qemu-system-x86 qemu-utils libsystemd-dev pkg-config gcc python3-dev python3-venv util-linux systemd-container prometheus systemd)
 missing=()
 for p in "${need[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
