@@ -90,6 +90,8 @@ def _vm_line(v: VMPlan, results: Sequence[Any], dry_run: bool) -> list[str]:
     else:
         head += f"{counts.get(Outcome.PINNED, 0)} pinned, {counts.get(Outcome.UNCHANGED, 0)} unchanged"
     head += f", {len(failed) + len(v.problems)} failed"
+    if v.status in ("waiting", "floating", "failed"):
+        head += f"; {v.status}: {v.reason}"
     lines = [head]
     for r in results:
         a = r.assignment

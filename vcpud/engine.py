@@ -66,7 +66,9 @@ def load_priors(config: "Config", vms: Iterable[VM], online: CpuSet,
             raise state.StateError("state file double-books: " + "; ".join(bad))
     except state.StateError as e:
         adopted = adopt(config, vms, online, topology)
-        log.warning("%s; rebuilt from live affinities: adopted %d VMs", e, len(adopted))
+        # No file yet is the first start; a file we cannot trust deserves a warning.
+        log.log(logging.INFO if not config.state_file.exists() else logging.WARNING,
+                "%s; rebuilt from live affinities: adopted %d VMs", e, len(adopted))
         for key, a in adopted.items():
             log.info("adopted pid %d: vCPUs on %s", key[0], ",".join(map(str, a.vcpus)))
         return adopted
