@@ -90,7 +90,7 @@ def _vm_line(v: VMPlan, results: Sequence[Any], dry_run: bool) -> list[str]:
     else:
         head += f"{counts.get(Outcome.PINNED, 0)} pinned, {counts.get(Outcome.UNCHANGED, 0)} unchanged"
     head += f", {len(failed) + len(v.problems)} failed"
-    if v.status in ("waiting", "floating", "failed"):
+    if v.waiting:
         head += f"; {v.status}: {v.reason}"
     lines = [head]
     for r in results:
@@ -191,15 +191,20 @@ def _hint_unreadable(found: Scan) -> None:
               file=sys.stderr)
 
 
+def _live(args: argparse.Namespace, cfg: Config) -> tuple[Scan, list[VM]]:
+    """This host's VMs, oldest first (the order in which they claim pooled CPUs)."""
+    found = scan(Procfs(Path(args.proc)), cfg.executables)
+    _hint_unreadable(found)
+    return found, arrival_order(found.vms)
+
+
 def cmd_ps(args: argparse.Namespace) -> int:
     setup = _setup(args, required=False)
     if setup is None:
         return EXIT_CONFIG
     topo, cfg = setup
     online = topo.online
-    found = scan(Procfs(Path(args.proc)), cfg.executables)
-    _hint_unreadable(found)
-    vms = arrival_order(found.vms)
+    found, vms = _live(args, cfg)
     p = plan(cfg, vms, online, topo, load_priors(cfg, vms, online, topo))
     if args.json:
         print(json.dumps(ps_json(found, p.vms), indent=2))
@@ -273,9 +278,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     live: list[VM] = []
     if os.path.realpath(args.sysroot) == "/":
-        found = scan(Procfs(Path(args.proc)), cfg.executables)
-        _hint_unreadable(found)
-        live = arrival_order(found.vms)
+        _, live = _live(args, cfg)
     else:
         print(f"vcpud: topology from {args.sysroot}: this host's VMs are not part of the plan", file=sys.stderr)
     p = plan(cfg, live + imagined, online, topo, load_priors(cfg, live, online, topo) if live else {})

@@ -16,10 +16,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable
 
-from . import __version__, state
+from . import __version__
 from .cpuset import CpuSet
 from .discovery import VM, Role, classify_new_thread, scan, verify_executable
-from .engine import load_priors
+from .engine import load_priors, save_state
 from .pinning import AffinityOps, OsAffinity, Outcome, PinResult, pin_one
 from .placement import Assignment, PoolDecision, VMPlan, arrival_order, assign, decide_pools, plan_vm
 from .policy import Config, ConfigError, Policy, load_config
@@ -446,9 +446,9 @@ class Daemon:
         if reason == "startup":
             self.allocations = load_priors(self.config, arrival_order(found.vms), self.online, self.topology)
         # At startup the file is rewritten whole: it may have been corrupt, or name dead VMs.
-        decisions = self.place(found.vms, save=reason == "startup" and bool(self.allocations))
+        policies, decisions = self.place(found.vms, save=reason == "startup" and bool(self.allocations))
         for vm in arrival_order(found.vms):
-            self.apply_vm(vm, decisions.get(vm.key, PoolDecision()))
+            self.apply_vm(vm, policies[vm.key], decisions.get(vm.key, PoolDecision()))
         self.sample_vcpu_time()
         self.stats.reconcile_hist.observe(time.perf_counter() - t0)
         self._dirty = True  # CPU times, counters and the reconcile histogram moved
@@ -463,16 +463,17 @@ class Daemon:
             if pid not in fresh:
                 self.forget(pid)
         others = [st.vm for pid, st in self.vms.items() if pid not in fresh]
-        decisions = self.place(others + list(found.vms))
+        policies, decisions = self.place(others + list(found.vms))
         for vm in arrival_order(found.vms):
-            self.apply_vm(vm, decisions.get(vm.key, PoolDecision()))
+            self.apply_vm(vm, policies[vm.key], decisions.get(vm.key, PoolDecision()))
         self.stats.reconcile_hist.observe(time.perf_counter() - t0)
         self._dirty = True
 
-    def place(self, vms: list[VM], save: bool = False) -> dict[Any, PoolDecision]:
-        """Pool CPUs for every live VM (arrival order); VMs keep what they hold; saves changes."""
+    def place(self, vms: list[VM], save: bool = False) -> tuple[dict[Any, Policy | None], dict[Any, PoolDecision]]:
+        """Each live VM's policy and pool CPUs (arrival order; VMs keep what they hold); saves changes."""
         order = arrival_order(vms)
-        decisions = decide_pools(self.config, self.topology, order, [self.config.select(vm) for vm in order],
+        policies = {vm.key: self.config.select(vm) for vm in order}
+        decisions = decide_pools(self.config, self.topology, order, [policies[vm.key] for vm in order],
                                  self.allocations)
         allocations = {k: d.allocation for k, d in decisions.items() if d.allocation is not None}
         if allocations != self.allocations or save:
@@ -480,23 +481,9 @@ class Daemon:
                 if self.allocations.get(k) != a:
                     log.info("pid %d gets pool %s CPUs %s", k[0], a.pool, a.cpus)
             self.allocations = allocations
-            self.save_state(order)
-        return decisions
-
-    def save_state(self, vms: list[VM]) -> None:
-        by_key = {vm.key: vm for vm in vms}
-        saved = {}
-        for k, a in self.allocations.items():
-            vm = by_key.get(k)
-            if vm is None:
-                continue
-            policy = self.config.select(vm)
-            saved[k] = state.Saved(pid=k[0], starttime=k[1], name=vm.display_name,
-                                   policy=policy.name if policy else "", allocation=a)
-        try:
-            state.save(self.config.state_file, saved)
-        except OSError as e:
-            log.error("cannot write state file %s: %s", self.config.state_file, e)
+            save_state(self.config, [(vm, policies[vm.key].name, allocations[vm.key])  # type: ignore[union-attr]
+                                     for vm in order if vm.key in allocations])
+        return policies, decisions
 
     def forget(self, pid: int) -> None:
         """A VM is gone: drop its state and free its pool CPUs for VMs still waiting."""
@@ -505,16 +492,16 @@ class Daemon:
         if st is None:
             return
         if self.allocations.pop(st.vm.key, None) is not None:
-            self.save_state([x.vm for x in self.vms.values()])
+            save_state(self.config, [(x.vm, x.policy.name, self.allocations[x.vm.key])  # type: ignore[union-attr]
+                                     for x in self.vms.values() if x.vm.key in self.allocations])
             for other in self.vms.values():
-                if other.plan is not None and other.plan.status in ("waiting", "floating", "failed"):
+                if other.plan is not None and other.plan.waiting:
                     self.due[other.vm.pid] = self.clock()
 
-    def apply_vm(self, vm: VM, decision: PoolDecision = PoolDecision()) -> None:
+    def apply_vm(self, vm: VM, policy: Policy | None, decision: PoolDecision = PoolDecision()) -> None:
         prev = self.vms.get(vm.pid)
         if prev is not None and prev.vm.key != vm.key:
             prev = None  # the PID was reused by another process
-        policy = self.config.select(vm)
         st = VMState(vm=vm, policy=policy, first_seen=prev.first_seen if prev else self.clock(),
                      followup=prev.followup if prev else 0, decision=decision)
         if prev is None:
@@ -725,7 +712,7 @@ class Daemon:
 
     def pool_waiting(self, pool: str) -> int:
         return sum(1 for st in self.vms.values()
-                   if st.plan is not None and st.plan.status in ("waiting", "floating", "failed")
+                   if st.plan is not None and st.plan.waiting
                    and st.policy is not None and st.policy.vcpus_rule is not None
                    and st.policy.vcpus_rule.pool == pool)
 
@@ -735,7 +722,7 @@ class Daemon:
         pinned = sum(len(st.wanted) for st in managed)
         failed = sum(len(st.failed) for st in managed)
         line = f"{len(managed)} VMs, {pinned} threads pinned, {failed} failed, policy from {self.config_time}"
-        waiting = sum(1 for st in managed if st.plan is not None and st.plan.status in ("waiting", "floating", "failed"))
+        waiting = sum(1 for st in managed if st.plan is not None and st.plan.waiting)
         if waiting:
             line = f"{line}; {waiting} VMs waiting for pool CPUs"
         if self.reload_error:

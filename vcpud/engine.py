@@ -79,11 +79,11 @@ def load_priors(config: "Config", vms: Iterable[VM], online: CpuSet,
     return {k: s.allocation for k, s in saved.items() if k in alive}
 
 
-def save_state(config: "Config", p: Plan) -> None:
-    by_key = {v.vm.key: v for v in p.vms}
-    saved = {k: state.Saved(pid=k[0], starttime=k[1], name=by_key[k].vm.display_name,
-                            policy=by_key[k].policy or "", allocation=a)
-             for k, a in p.allocations.items() if k in by_key}
+def save_state(config: "Config", holders: Iterable[tuple[VM, str, Allocation]]) -> None:
+    """Write who holds which pooled CPUs: (VM, its policy's name, its allocation) each."""
+    saved = {vm.key: state.Saved(pid=vm.pid, starttime=vm.starttime, name=vm.display_name, policy=policy,
+                                 allocation=a)
+             for vm, policy, a in holders}
     try:
         state.save(config.state_file, saved)
     except OSError as e:
@@ -112,5 +112,6 @@ def reconcile(
     for vp in p.vms:
         reports.append(VMReport(vp, tuple(apply(vp.assignments, ops, dry_run))))
     if p.allocations and not dry_run:
-        save_state(config, p)
+        save_state(config, [(vp.vm, vp.policy or "", p.allocations[vp.vm.key])
+                            for vp in p.vms if vp.vm.key in p.allocations])
     return Report(scan=found, plan=p, vms=tuple(reports))

@@ -39,6 +39,11 @@ class VMPlan:
     allocation: Allocation | None = None
     reason: str = ""                   # why it is floating, waiting or failed
 
+    @property
+    def waiting(self) -> bool:
+        """Asked for dedicated pool CPUs and holds none (floating, waiting or failed)."""
+        return self.status in ("floating", "waiting", "failed")
+
     def wanted(self, tid: int) -> Assignment | None:
         for a in self.assignments:
             if a.tid == tid:
