@@ -13,7 +13,8 @@ from typing import Any, Sequence
 from . import __version__
 from .cpuset import CpuSet
 from .discovery import VM, Role, Scan, Smp, Thread, scan
-from .engine import load_priors, reconcile
+from .engine import reconcile
+from .holdings import FileStore, load_priors
 from .pinning import OsAffinity, Outcome
 from .placement import PoolDecision, VMPlan, arrival_order, assign, plan, vcpu_count
 from .pools import free_cpus
@@ -205,7 +206,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     topo, cfg = setup
     online = topo.online
     found, vms = _live(args, cfg)
-    p = plan(cfg, vms, online, topo, load_priors(cfg, vms, online, topo))
+    p = plan(cfg, vms, online, topo, load_priors(cfg, FileStore(cfg.state_file), vms, online, topo))
     if args.json:
         print(json.dumps(ps_json(found, p.vms), indent=2))
     else:
@@ -281,7 +282,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         _, live = _live(args, cfg)
     else:
         print(f"vcpud: topology from {args.sysroot}: this host's VMs are not part of the plan", file=sys.stderr)
-    p = plan(cfg, live + imagined, online, topo, load_priors(cfg, live, online, topo) if live else {})
+    p = plan(cfg, live + imagined, online, topo, load_priors(cfg, FileStore(cfg.state_file), live, online, topo) if live else {})
     rows = [plan_json(vp, cfg, topo.isolated) for vp in p.vms]
     free = free_cpus(cfg.pools, topo, list(p.allocations.values()))
     pools = {name: {"cpus": list(spec.cpus & online), "exclusive": spec.exclusive,

@@ -1,27 +1,21 @@
-"""One reconcile pass: scan /proc, match policies, place, pin; and the state file around it.
-
-The CLI's `apply` and the daemon share these pieces.
-"""
+"""`vcpud apply`: one rescan of the reconciler, no loop, and the report it prints from."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Hashable, Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable
 
-from . import state
 from .cpuset import CpuSet
-from .discovery import VM, Scan, scan
-from .pinning import AffinityOps, Outcome, PinResult, apply
-from .placement import Plan, VMPlan, adopt, arrival_order, plan
-from .pools import Allocation
+from .discovery import Scan
+from .holdings import FileStore, StateStore
+from .pinning import AffinityOps, Outcome, PinResult
+from .placement import VMPlan
 from .procfs import Procfs
+from .reconciler import Reconciler, ScanReason
 
 if TYPE_CHECKING:
     from .policy import Config
     from .topology import Topology
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,50 +38,11 @@ class VMReport:
 @dataclass(frozen=True, slots=True)
 class Report:
     scan: Scan
-    plan: Plan
     vms: tuple[VMReport, ...]
 
     @property
     def ok(self) -> bool:
         return all(v.ok for v in self.vms)
-
-
-def load_priors(config: "Config", vms: Iterable[VM], online: CpuSet,
-                topology: "Topology | None" = None) -> dict[Hashable, Allocation]:
-    """Who holds which pooled CPUs: the state file for VMs still alive (same pid and start
-    time), or, when it is missing or corrupt, what the live affinities show."""
-    vms = list(vms)
-    if not any(p is not None and p.vcpus_rule is not None for p in map(config.select, vms)):
-        return {}
-    try:
-        saved = state.load(config.state_file)
-        bad = state.conflicts(saved)
-        if bad:
-            raise state.StateError("state file double-books: " + "; ".join(bad))
-    except state.StateError as e:
-        adopted = adopt(config, vms, online, topology)
-        # No file yet is the first start; a file we cannot trust deserves a warning.
-        log.log(logging.INFO if not config.state_file.exists() else logging.WARNING,
-                "%s; rebuilt from live affinities: adopted %d VMs", e, len(adopted))
-        for key, a in adopted.items():
-            log.info("adopted pid %d: vCPUs on %s", key[0], ",".join(map(str, a.vcpus)))
-        return adopted
-    alive = {vm.key for vm in vms}
-    dead = [k for k in saved if k not in alive]
-    if dead:
-        log.info("state file: %d VMs no longer run; their CPUs are free", len(dead))
-    return {k: s.allocation for k, s in saved.items() if k in alive}
-
-
-def save_state(config: "Config", holders: Iterable[tuple[VM, str, Allocation]]) -> None:
-    """Write who holds which pooled CPUs: (VM, its policy's name, its allocation) each."""
-    saved = {vm.key: state.Saved(pid=vm.pid, starttime=vm.starttime, name=vm.display_name, policy=policy,
-                                 allocation=a)
-             for vm, policy, a in holders}
-    try:
-        state.save(config.state_file, saved)
-    except OSError as e:
-        log.error("cannot write state file %s: %s", config.state_file, e)
 
 
 def reconcile(
@@ -98,20 +53,20 @@ def reconcile(
     dry_run: bool = False,
     pids: Iterable[int] | None = None,
     topology: "Topology | None" = None,
-    prior: Mapping[Hashable, Allocation] | None = None,
+    store: StateStore | None = None,
 ) -> Report:
-    """Discover VMs (all, or among ``pids``), plan them with ``config`` and apply the plan."""
-    found = scan(procfs, config.executables, pids)
-    for r in found.rejected:
-        log.debug("pid %d runs %s: not a VM (%s)", r.pid, r.exe, r.reason)
-    vms = arrival_order(found.vms)
-    if prior is None:
-        prior = load_priors(config, vms, online, topology)
-    p = plan(config, vms, online, topology, prior)
+    """Discover VMs (all, or among ``pids``), plan them with ``config`` and apply the plan once.
+
+    The state store is ``config.state_file`` unless given; a dry run reads it and writes nothing.
+    """
+    if store is None:
+        store = FileStore(config.state_file)
+    rec = Reconciler(config, online, procfs, ops, store, topology=topology, dry_run=dry_run)
+    result = rec.rescan(ScanReason.STARTUP, pids)
+    by_tid = {r.assignment.tid: r for r in result.pins}
     reports = []
-    for vp in p.vms:
-        reports.append(VMReport(vp, tuple(apply(vp.assignments, ops, dry_run))))
-    if p.allocations and not dry_run:
-        save_state(config, [(vp.vm, vp.policy or "", p.allocations[vp.vm.key])
-                            for vp in p.vms if vp.vm.key in p.allocations])
-    return Report(scan=found, plan=p, vms=tuple(reports))
+    for st in sorted(rec.vms.values(), key=lambda s: (s.vm.starttime, s.vm.pid)):
+        if st.plan is None:
+            continue
+        reports.append(VMReport(st.plan, tuple(by_tid[a.tid] for a in st.plan.assignments if a.tid in by_tid)))
+    return Report(scan=result.scan, vms=tuple(reports))

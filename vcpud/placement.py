@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Hashable, Iterable, Mapping, Sequence
 from .cpuset import CpuSet
 from .discovery import VM, Role, Thread
 from .pools import Allocation, Failure, Request, allocate
+from .vocab import VMStatus
 
 if TYPE_CHECKING:
     from .policy import Config, Policy
@@ -33,16 +34,14 @@ class VMPlan:
     policy: str | None                 # None: no policy matched, the VM is left alone
     assignments: tuple[Assignment, ...]
     problems: tuple[str, ...] = ()     # threads the policy wants pinned but cannot be
-    # unmanaged, pinned (fixed lists), placed (dedicated pool CPUs), floating (pool exhausted,
-    # on_exhausted names a shared pool), waiting (exhausted, left alone), failed (exhausted, fail)
-    status: str = "pinned"
+    status: VMStatus = VMStatus.PINNED
     allocation: Allocation | None = None
     reason: str = ""                   # why it is floating, waiting or failed
 
     @property
     def waiting(self) -> bool:
         """Asked for dedicated pool CPUs and holds none (floating, waiting or failed)."""
-        return self.status in ("floating", "waiting", "failed")
+        return self.status.waiting
 
     def wanted(self, tid: int) -> Assignment | None:
         for a in self.assignments:
@@ -144,23 +143,26 @@ def assign(thread: Thread, vm: VM, policy: "Policy", config: "Config", decision:
     return r
 
 
-def plan_vm(vm: VM, policy: "Policy | None", online: CpuSet, config: "Config | None" = None,
-            decision: PoolDecision = PoolDecision(), isolated: CpuSet = CpuSet()) -> VMPlan:
+def plan_vm(vm: VM, policy: "Policy | None", online: CpuSet, config: "Config",
+            decision: PoolDecision | None = None, isolated: CpuSet | None = None) -> VMPlan:
+    """One VM's assignments under its policy (pool CPUs as ``decision`` gave them)."""
+    decision = decision if decision is not None else PoolDecision()
+    isolated = isolated if isolated is not None else CpuSet()
     if policy is None:
-        return VMPlan(vm=vm, policy=None, assignments=(), status="unmanaged")
+        return VMPlan(vm=vm, policy=None, assignments=(), status=VMStatus.UNMANAGED)
     out: list[Assignment] = []
     problems: list[str] = []
-    status, reason = "pinned", ""
+    status, reason = VMStatus.PINNED, ""
     if policy.vcpus_rule is not None:
         if decision.allocation is not None:
-            status = "placed"
+            status = VMStatus.PLACED
         else:
             reason = decision.failure.reason if decision.failure else "no CPUs allocated"
-            status = {"leave": "waiting", "fail": "failed"}.get(policy.on_exhausted, "floating")
-            if status == "failed":
+            status = {"leave": VMStatus.WAITING, "fail": VMStatus.FAILED}.get(policy.on_exhausted, VMStatus.FLOATING)
+            if status is VMStatus.FAILED:
                 problems.append(f"{reason} (on_exhausted: fail)")
     for t in vm.threads:
-        r = assign(t, vm, policy, config, decision, isolated) if config is not None else rule_for(policy, t)
+        r = assign(t, vm, policy, config, decision, isolated)
         if r is None:
             continue
         rule, cpus = r
@@ -181,7 +183,8 @@ def decide_pools(config: "Config", topology: "Topology | None", vms: Sequence[VM
                  policies: Sequence["Policy | None"],
                  prior: Mapping[Hashable, Allocation] | None = None) -> dict[Hashable, PoolDecision]:
     """Allocate dedicated pool CPUs for every VM whose policy asks, in the order given."""
-    requests = [r for vm, p in zip(vms, policies) if p is not None and (r := pool_request(vm, p)) is not None]
+    requests = [r for vm, p in zip(vms, policies, strict=True)
+                if p is not None and (r := pool_request(vm, p)) is not None]
     if not requests:
         return {}
     if topology is None:
@@ -204,7 +207,7 @@ def plan(config: "Config", vms: Iterable[VM], online: CpuSet, topology: "Topolog
     decisions = decide_pools(config, topology, vms, policies, prior)
     isolated = topology.isolated if topology is not None else CpuSet()
     vps = tuple(plan_vm(vm, pol, online, config, decisions.get(vm.key, PoolDecision()), isolated)
-                for vm, pol in zip(vms, policies))
+                for vm, pol in zip(vms, policies, strict=True))
     allocations = {k: d.allocation for k, d in decisions.items() if d.allocation is not None}
     return Plan(vms=vps, allocations=allocations)
 

@@ -13,7 +13,7 @@ def test_precedence_vcpus():
     pol = Policy(name="p", vcpupin={0: C("4")}, vcpus=C("5-6"), affinity=C("7"), emulatorpin=C("1"),
                  iothreadpin=C("2"), iothreadpin_by_id={"io1": C("3")})
     vm = classify(CORE8)
-    got = {a.label: (a.rule, a.cpus.format()) for a in plan_vm(vm, pol, ONLINE).assignments}
+    got = {a.label: (a.rule, a.cpus.format()) for a in plan_vm(vm, pol, ONLINE, Config()).assignments}
     assert got["vcpu 0"] == ("vcpupin[0]", "4")
     assert got["vcpu 1"] == ("vcpus", "5-6")
     assert got["iothread io1"] == ("iothreadpin[io1]", "3")
@@ -24,7 +24,7 @@ def test_precedence_vcpus():
 
 def test_affinity_covers_every_role_but_kernel():
     vm = classify(CORE8)
-    vp = plan_vm(vm, Policy(name="w", affinity=C("0")), ONLINE)
+    vp = plan_vm(vm, Policy(name="w", affinity=C("0")), ONLINE, Config())
     roles = {a.role.value for a in vp.assignments}
     assert roles == {"vcpu", "iothread", "emulator", "vhost"}
     assert all(a.cpus == C("0") and a.rule == "affinity" for a in vp.assignments)
@@ -33,19 +33,19 @@ def test_affinity_covers_every_role_but_kernel():
 
 def test_role_without_rule_is_left_alone():
     vm = classify(CORE8)
-    vp = plan_vm(vm, Policy(name="only-vcpu0", vcpupin={0: C("1")}), ONLINE)
+    vp = plan_vm(vm, Policy(name="only-vcpu0", vcpupin={0: C("1")}), ONLINE, Config())
     assert [(a.label, a.cpus.format()) for a in vp.assignments] == [("vcpu 0", "1")]
 
 
 def test_unknown_threads_never_pinned():
     vm = classify(NODBG, {4203: "running"}, NODBG_FDS)
-    vp = plan_vm(vm, Policy(name="all", affinity=C("1")), ONLINE)
+    vp = plan_vm(vm, Policy(name="all", affinity=C("1")), ONLINE, Config())
     assert {a.label for a in vp.assignments} == {"emulator"}  # only the main thread is sure
 
 
 def test_offline_cpus():
     vm = classify(NODBG, NODBG_SYSCALLS, NODBG_FDS)
-    vp = plan_vm(vm, Policy(name="p", vcpupin={0: C("9"), 1: C("1,9")}), C("0-1"))
+    vp = plan_vm(vm, Policy(name="p", vcpupin={0: C("9"), 1: C("1,9")}), C("0-1"), Config())
     assert [(a.label, a.cpus.format()) for a in vp.assignments] == [("vcpu 1", "1")]
     assert len(vp.problems) == 1 and "vcpu 0" in vp.problems[0] and "not online" in vp.problems[0]
 

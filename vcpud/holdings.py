@@ -1,0 +1,99 @@
+"""Who holds which pooled CPUs across restarts: the state store and the priors read from it.
+
+The store is a small protocol so the reconciler can be driven in tests without files;
+`FileStore` is the real one (the `state_file` setting, written atomically).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Hashable, Iterable, Mapping, Protocol
+
+from . import state
+from .cpuset import CpuSet
+from .discovery import VM
+from .placement import adopt
+from .pools import Allocation
+
+if TYPE_CHECKING:
+    from .policy import Config
+    from .topology import Topology
+
+log = logging.getLogger(__name__)
+
+Key = tuple[int, int]
+
+
+class StateStore(Protocol):
+    def load(self) -> dict[Key, state.Saved]:
+        """Raises state.StateError when missing or corrupt."""
+
+    def save(self, saved: Mapping[Any, state.Saved]) -> None:
+        """Raises OSError."""
+
+    def exists(self) -> bool: ...
+
+    def describe(self) -> str: ...
+
+
+class FileStore:
+    """The state file on disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[Key, state.Saved]:
+        return state.load(self.path)
+
+    def save(self, saved: Mapping[Any, state.Saved]) -> None:
+        state.save(self.path, saved)
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def describe(self) -> str:
+        return str(self.path)
+
+
+def load_priors(config: "Config", store: StateStore, vms: Iterable[VM], online: CpuSet,
+                topology: "Topology | None" = None) -> dict[Hashable, Allocation]:
+    """Who holds which pooled CPUs: the store for VMs still alive (same pid and start
+    time), or, when it is missing or corrupt, what the live affinities show."""
+    vms = list(vms)
+    if not any(p is not None and p.vcpus_rule is not None for p in map(config.select, vms)):
+        return {}
+    try:
+        saved = store.load()
+        bad = state.conflicts(saved)
+        if bad:
+            raise state.StateError("state file double-books: " + "; ".join(bad))
+    except state.StateError as e:
+        adopted = adopt(config, vms, online, topology)
+        # No file yet is the first start; a file we cannot trust deserves a warning.
+        log.log(logging.WARNING if store.exists() else logging.INFO,
+                "%s; rebuilt from live affinities: adopted %d VMs", e, len(adopted))
+        for key, a in adopted.items():
+            log.info("adopted pid %s: vCPUs on %s", vm_pid(key), ",".join(map(str, a.vcpus)))
+        return adopted
+    alive = {vm.key for vm in vms}
+    dead = [k for k in saved if k not in alive]
+    if dead:
+        log.info("state file: %d VMs no longer run; their CPUs are free", len(dead))
+    return {k: s.allocation for k, s in saved.items() if k in alive}
+
+
+def vm_pid(key: Hashable) -> object:
+    """The pid in a VM key ((pid, starttime) for live VMs)."""
+    return key[0] if isinstance(key, tuple) else key
+
+
+def save_holders(store: StateStore, holders: Iterable[tuple[VM, str, Allocation]]) -> None:
+    """Write who holds which pooled CPUs: (VM, its policy's name, its allocation) each."""
+    saved = {vm.key: state.Saved(pid=vm.pid, starttime=vm.starttime, name=vm.display_name, policy=policy,
+                                 allocation=a)
+             for vm, policy, a in holders}
+    try:
+        store.save(saved)
+    except OSError as e:
+        log.error("cannot write state file %s: %s", store.describe(), e)
