@@ -15,7 +15,7 @@ import pwd
 import re
 import stat
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 from .cpuset import CpuSet
 from .procfs import PF_KTHREAD, PF_USER_WORKER, ProcessSnapshot, Procfs, ThreadSnapshot, Vanished
@@ -318,7 +318,7 @@ def needs_syscall(snap: ProcessSnapshot) -> list[int]:
     roles = [base_role(t) for t in snap.threads]
     if any(r is not None and r.role is Role.VCPU for r in roles):
         return []
-    return [t.tid for t, r in zip(snap.threads, roles) if r is None and t.tid != snap.pid]
+    return [t.tid for t, r in zip(snap.threads, roles, strict=True) if r is None and t.tid != snap.pid]
 
 
 def classify(
@@ -382,12 +382,63 @@ def path_matches(path: str, patterns: Iterable[str]) -> bool:
     parts = path.split("/")
     for pat in patterns:
         pp = pat.split("/")
-        if len(pp) == len(parts) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, pp)):
+        if len(pp) == len(parts) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, pp, strict=True)):
             return True
     return False
 
 
-def verify_executable(procfs: Procfs, pid: int, patterns: Sequence[str]) -> tuple[str | None, str | None]:
+@dataclass(frozen=True, slots=True)
+class FileFacts:
+    """What the executable check looks at in a file's stat."""
+
+    uid: int
+    mode: int
+    dev: int
+    ino: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileFacts:
+        return cls(uid=st.st_uid, mode=st.st_mode, dev=st.st_dev, ino=st.st_ino)
+
+
+class ExeCheck(Protocol):
+    """Where :func:`verify_executable` gets its facts from; what they mean it decides alone.
+
+    :class:`HostExeCheck` asks the live system; tests pass one backed by recorded facts.
+    """
+
+    def running(self, procfs: Procfs, pid: int) -> FileFacts:
+        """The binary the process runs (/proc/PID/exe followed, deleted or not). Raises Vanished."""
+        ...
+
+    def at_path(self, path: str) -> FileFacts | None:
+        """The file at ``path`` as vcpud resolves it; None when there is none."""
+        ...
+
+    def same_mount_ns(self, procfs: Procfs, pid: int) -> bool:
+        """Whether the process resolves paths in our (or PID 1's) mount namespace. Raises Vanished."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class HostExeCheck:
+    """The facts as this host has them: what production uses."""
+
+    def running(self, procfs: Procfs, pid: int) -> FileFacts:
+        return FileFacts.of(procfs.exe_stat(pid))
+
+    def at_path(self, path: str) -> FileFacts | None:
+        try:
+            return FileFacts.of(os.stat(path))
+        except OSError:
+            return None
+
+    def same_mount_ns(self, procfs: Procfs, pid: int) -> bool:
+        return procfs.same_mount_ns(pid)
+
+
+def verify_executable(procfs: Procfs, pid: int, patterns: Sequence[str],
+                      exe_check: ExeCheck | None = None) -> tuple[str | None, str | None]:
     """(exe, None) when the process runs a configured qemu binary, else (exe, reason).
 
     Raises Vanished. A name or argv[0] proves nothing: /proc/PID/exe must resolve to a
@@ -395,8 +446,10 @@ def verify_executable(procfs: Procfs, pid: int, patterns: Sequence[str]) -> tupl
     must be the very file at that path on the host (not a look-alike in another mount
     namespace). A binary replaced on disk by a package upgrade shows as "(deleted)": it
     is accepted when the process shares our mount namespace, where only root could have
-    put a root-owned file at that path.
+    put a root-owned file at that path. ``exe_check`` supplies the file facts (default:
+    :class:`HostExeCheck`, the live host).
     """
+    check: ExeCheck = exe_check if exe_check is not None else HostExeCheck()
     try:
         exe = procfs.exe(pid)
     except Vanished:
@@ -412,19 +465,18 @@ def verify_executable(procfs: Procfs, pid: int, patterns: Sequence[str]) -> tupl
     path = exe[: -len(_DELETED)] if deleted else exe
     if not path_matches(path, patterns):
         return exe, "not a configured executable"
-    st = procfs.exe_stat(pid)
-    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    st = check.running(procfs, pid)
+    if st.uid != 0 or st.mode & (stat.S_IWGRP | stat.S_IWOTH):
         return exe, "binary not root-owned or writable by others"
     if deleted:
         # The path it ran from is only meaningful if it was resolved in our mount namespace.
-        if not procfs.same_mount_ns(pid):
+        if not check.same_mount_ns(procfs, pid):
             return exe, "deleted binary in another mount namespace"
     else:
-        try:
-            host = os.stat(path)
-        except OSError:
+        host = check.at_path(path)
+        if host is None:
             return exe, "no such file on the host (other mount namespace?)"
-        if (host.st_dev, host.st_ino) != (st.st_dev, st.st_ino):
+        if (host.dev, host.ino) != (st.dev, st.ino):
             return exe, "not the host's file at that path (other mount namespace?)"
     return path, None
 
@@ -484,10 +536,12 @@ def scan(
     executables: Sequence[str] = DEFAULT_EXECUTABLES,
     pids: Iterable[int] | None = None,
     known: Mapping[int, VM] | None = None,
+    exe_check: ExeCheck | None = None,
 ) -> Scan:
     """Find every VM among ``pids`` (default: all of /proc). Never raises for a vanished task.
 
     VMs in ``known`` (by pid) that have not changed are refreshed cheaply instead of re-read.
+    ``exe_check`` supplies the executable facts (default: the live host, see verify_executable).
     """
     vms: list[VM] = []
     rejected: list[Rejected] = []
@@ -501,7 +555,7 @@ def scan(
                 if same is not None:
                     vms.append(same)
                     continue
-            exe, why = verify_executable(procfs, pid, executables)
+            exe, why = verify_executable(procfs, pid, executables, exe_check)
             if exe is None:
                 unreadable += why == UNREADABLE
                 continue  # kernel thread or unreadable: not a candidate
