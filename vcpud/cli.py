@@ -301,9 +301,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.verbose:
             for k, why in r["reasons"].items():
                 print(f"    {k}: {why}")
-    for name, info in pools.items():
-        extra = f", {len(info['free'])} free ({CpuSet.of(info['free']).format() or 'none'})" if info["exclusive"] else ""
-        print(f"pool {name}: {len(info['cpus'])} CPUs{' exclusive' if info['exclusive'] else ''}{extra}")
+    for name, spec in cfg.pools.items():
+        extra = ""
+        if spec.exclusive:
+            left = free.get(name, CpuSet())
+            extra = f", {len(left)} free ({left.format() or 'none'})"
+        print(f"pool {name}: {len(spec.cpus & online)} CPUs{' exclusive' if spec.exclusive else ''}{extra}")
     return EXIT_OK
 
 
