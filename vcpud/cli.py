@@ -14,19 +14,19 @@ from . import __version__
 from .cpuset import CpuSet
 from .discovery import VM, Role, Scan, Smp, Thread, scan
 from .engine import load_priors, reconcile
-from .pinning import OsAffinity, Outcome
+from .pinning import OsAffinity, Outcome, PinResult
 from .placement import PoolDecision, VMPlan, arrival_order, assign, plan, vcpu_count
 from .pools import free_cpus
 from .policy import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .procfs import Procfs
-from .topology import format_parse, format_summary, read_topology
+from .topology import Topology, format_parse, format_summary, read_topology
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
-def _setup(args: argparse.Namespace, required: bool) -> tuple[Any, Config] | None:
+def _setup(args: argparse.Namespace, required: bool) -> tuple[Topology, Config] | None:
     """This host's (or --sysroot's) topology and the config checked against it; None: errors printed."""
     try:
         topo = read_topology(Path(args.sysroot))
@@ -79,7 +79,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 # --- apply --------------------------------------------------------------------------
-def _vm_line(v: VMPlan, results: Sequence[Any], dry_run: bool) -> list[str]:
+def _vm_line(v: VMPlan, results: Sequence[PinResult], dry_run: bool) -> list[str]:
     counts: dict[Outcome, int] = {}
     for r in results:
         counts[r.outcome] = counts.get(r.outcome, 0) + 1
