@@ -15,19 +15,19 @@ from .cpuset import CpuSet
 from .discovery import VM, Role, Scan, Smp, Thread, scan
 from .engine import reconcile
 from .holdings import FileStore, load_priors
-from .pinning import OsAffinity, Outcome
+from .pinning import OsAffinity, Outcome, PinResult
 from .placement import PoolDecision, VMPlan, arrival_order, assign, plan, vcpu_count
 from .pools import free_cpus
 from .policy import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .procfs import Procfs
-from .topology import format_parse, format_summary, read_topology
+from .topology import Topology, format_parse, format_summary, read_topology
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
-def _setup(args: argparse.Namespace, required: bool) -> tuple[Any, Config] | None:
+def _setup(args: argparse.Namespace, required: bool) -> tuple[Topology, Config] | None:
     """This host's (or --sysroot's) topology and the config checked against it; None: errors printed."""
     try:
         topo = read_topology(Path(args.sysroot))
@@ -80,7 +80,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 # --- apply --------------------------------------------------------------------------
-def _vm_line(v: VMPlan, results: Sequence[Any], dry_run: bool) -> list[str]:
+def _vm_line(v: VMPlan, results: Sequence[PinResult], dry_run: bool) -> list[str]:
     counts: dict[Outcome, int] = {}
     for r in results:
         counts[r.outcome] = counts.get(r.outcome, 0) + 1
@@ -302,9 +302,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.verbose:
             for k, why in r["reasons"].items():
                 print(f"    {k}: {why}")
-    for name, info in pools.items():
-        extra = f", {len(info['free'])} free ({CpuSet.of(info['free']).format() or 'none'})" if info["exclusive"] else ""
-        print(f"pool {name}: {len(info['cpus'])} CPUs{' exclusive' if info['exclusive'] else ''}{extra}")
+    for name, spec in cfg.pools.items():
+        extra = ""
+        if spec.exclusive:
+            left = free.get(name, CpuSet())
+            extra = f", {len(left)} free ({left.format() or 'none'})"
+        print(f"pool {name}: {len(spec.cpus & online)} CPUs{' exclusive' if spec.exclusive else ''}{extra}")
     return EXIT_OK
 
 

@@ -125,7 +125,8 @@ def pin_one(a: Assignment, ops: AffinityOps, dry_run: bool = False) -> PinResult
         return PinResult(a, outcome, before, None, detail)
     if after != a.cpus:
         # A cpuset cgroup narrower than the request makes the kernel keep the intersection.
-        return PinResult(a, Outcome.MISMATCH, before, after, f"asked for {a.cpus}, kernel kept {after} (cpuset cgroup?)")
+        detail = f"asked for {a.cpus}, kernel kept {after} (cpuset cgroup?)"
+        return PinResult(a, Outcome.MISMATCH, before, after, detail)
     return PinResult(a, Outcome.PINNED, before, after)
 
 

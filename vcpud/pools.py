@@ -124,8 +124,8 @@ class _Index:
 
         all_cores = topology.cores
         number_of: dict[int, int] = {}
-        for i, core in enumerate(all_cores):
-            for n in core.cpus:
+        for i, members in enumerate(all_cores):
+            for n in members.cpus:
                 number_of.setdefault(n, i)
 
         # Union-find over sibling links between online CPUs of the same node.
@@ -202,13 +202,18 @@ class _NoFit(Exception):
     pass
 
 
+_Picks = list[tuple[_View, tuple[int, ...]]]  # views chosen, with the CPUs taken from each
+_NodeViews = Mapping[int | None, list[_View]]  # per NUMA node (None: no NUMA information)
+_Portion = tuple[int | None, int, Sequence[int]]  # node, first unit, demand placed there
+
+
 # --- choosing cores inside one group of views (all planners are greedy best-fit) --------
 
 
-def _pick_mirror(views: list[_View], needs: Sequence[int]) -> list[tuple[_View, tuple[int, ...]]]:
+def _pick_mirror(views: list[_View], needs: Sequence[int]) -> _Picks:
     """Guest cores (needs = threads each) onto distinct host cores; stops at the first that fails."""
     used: set[int] = set()
-    out: list[tuple[_View, tuple[int, ...]]] = []
+    out: _Picks = []
     for need in needs:
         best = None
         for v in views:
@@ -255,7 +260,7 @@ def _pack(views: list[_View], k: int) -> list[tuple[_View, int]]:
     return out
 
 
-def _plan(mode: str, views: list[_View], demand: Sequence[int]) -> tuple[list[tuple[_View, tuple[int, ...]]], int]:
+def _plan(mode: str, views: list[_View], demand: Sequence[int]) -> tuple[_Picks, int]:
     """Place as much of `demand` (mirror: threads per guest core; else one per vCPU) as fits.
 
     Returns (placements, units placed): per guest core for mirror, per vCPU for isolate,
@@ -295,7 +300,7 @@ def _by_l3(views: list[_View]) -> list[tuple[int | None, list[_View]]]:
     return sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
 
 
-def _in_node(mode: str, views: list[_View], demand: Sequence[int], l3: bool, one_l3_only: bool):
+def _in_node(mode: str, views: list[_View], demand: Sequence[int], l3: bool, one_l3_only: bool) -> _Picks:
     """Place the whole `demand` in one node's views, or raise _NoFit."""
     if l3:
         groups = _by_l3(views)
@@ -309,7 +314,7 @@ def _in_node(mode: str, views: list[_View], demand: Sequence[int], l3: bool, one
         order = [g for _, g in sorted(groups, key=lambda g: (-_cpus_of(g[1], mode), g[0] is None, g[0] or 0))]
     else:
         order = [views]
-    out: list[tuple[_View, tuple[int, ...]]] = []
+    out: _Picks = []
     rest = list(demand)
     for g in order:
         if not rest:
@@ -328,13 +333,12 @@ def _in_node(mode: str, views: list[_View], demand: Sequence[int], l3: bool, one
 class _Draft:
     """CPUs chosen for one request, not yet committed."""
 
-    __slots__ = ("vcpus", "where", "emulator", "emu_core", "reserved", "leftover", "cpus")
+    __slots__ = ("vcpus", "where", "emulator", "reserved", "leftover", "cpus")
 
     def __init__(self, n: int) -> None:
         self.vcpus: list[int] = [-1] * n
-        self.where: list[tuple[_Core, str]] = [None] * n  # type: ignore[list-item]
-        self.emulator: int | None = None
-        self.emu_core: _Core | None = None
+        self.where: dict[int, tuple[_Core, str]] = {}  # per vCPU: its host core, and why
+        self.emulator: tuple[int, _Core] | None = None  # the emulator's CPU and its host core
         self.reserved: list[int] = []
         self.leftover: list[tuple[int, _Core]] = []  # full-cores: unused CPUs of the VM's cores
         self.cpus: set[int] = set()
@@ -449,7 +453,9 @@ class _Allocator:
                     self.spanning(req, pc, node_views, demand, l3)
                 except _NoFit:
                     return self.exhausted(req, pc, node_views, want, free)
-                have = ", ".join(f"{'node ' + str(n) if n is not None else 'no node'}: {node_free[n]}" for n in pc.nodes)
+                have = ", ".join(
+                    f"{'node ' + str(n) if n is not None else 'no node'}: {node_free[n]}" for n in pc.nodes
+                )
                 return (
                     f"does not fit in one NUMA node: needs {want} CPU{'s' if want != 1 else ''} "
                     f"(smt {mode}) from pool '{rule.pool}', whose nodes have {have} free"
@@ -469,24 +475,29 @@ class _Allocator:
             n = min(cands, key=lambda n: (counts[n], _nk(n)))
             counts[n] += 1
         try:
-            return self.finish(req, pc, self.build(req, pc, node_views, self.portions(pc.nodes, counts, demand), None, l3, False))
+            portions = self.portions(pc.nodes, counts, demand)
+            return self.finish(req, pc, self.build(req, pc, node_views, portions, None, l3, False))
         except _NoFit:
             return self.exhausted(req, pc, node_views, want, free)
 
     @staticmethod
-    def portions(nodes, counts, demand):
-        out, start = [], 0
+    def portions(
+        nodes: Sequence[int | None], counts: Mapping[int | None, int], demand: Sequence[int]
+    ) -> list[_Portion]:
+        out: list[_Portion] = []
+        start = 0
         for n in nodes:
             if counts[n]:
                 out.append((n, start, demand[start : start + counts[n]]))
                 start += counts[n]
         return out
 
-    def spanning(self, req: Request, pc: _PoolCtx, node_views, demand, l3: bool) -> _Draft:
+    def spanning(self, req: Request, pc: _PoolCtx, node_views: _NodeViews, demand: Sequence[int], l3: bool) -> _Draft:
         """Over as few nodes as possible: the roomiest first."""
         mode = req.rule.smt
         caps = {n: _capacity(mode, node_views[n], demand) for n in pc.nodes}
-        counts, rest = {}, len(demand)
+        counts: dict[int | None, int] = {}
+        rest = len(demand)
         for n in sorted(pc.nodes, key=lambda n: (-caps[n], _nk(n))):
             counts[n] = min(rest, caps[n])
             rest -= counts[n]
@@ -494,7 +505,16 @@ class _Allocator:
             raise _NoFit
         return self.build(req, pc, node_views, self.portions(pc.nodes, counts, demand), None, l3, False)
 
-    def build(self, req, pc, node_views, portions, emu_nodes, l3: bool, one_l3: bool) -> _Draft:
+    def build(
+        self,
+        req: Request,
+        pc: _PoolCtx,
+        node_views: _NodeViews,
+        portions: Sequence[_Portion],
+        emu_nodes: Sequence[int | None] | None,
+        l3: bool,
+        one_l3: bool,
+    ) -> _Draft:
         """Choose CPUs for each (node, first unit, demand) portion, then the emulator.
 
         emu_nodes None: the emulator goes to the nodes holding most of the VM first."""
@@ -537,40 +557,41 @@ class _Allocator:
                     break
             else:
                 raise _NoFit
-        d.reserved += [n for n, _ in d.leftover if n != d.emulator]
+        emu_cpu = d.emulator[0] if d.emulator is not None else None
+        d.reserved += [n for n, _ in d.leftover if n != emu_cpu]
         return d
 
-    def emulator(self, req: Request, pc: _PoolCtx, d: _Draft, node) -> bool:
+    def emulator(self, req: Request, pc: _PoolCtx, d: _Draft, node: int | None) -> bool:
         mode, core_of = req.rule.smt, self.index.core_of
         l3s = [core_of[n].l3 for n in d.vcpus if core_of[n].node == node]
         pref = min(set(l3s), key=lambda x: (-l3s.count(x), x is None, x or 0)) if l3s else None
 
-        def near(c: _Core) -> tuple:
+        def near(c: _Core) -> tuple[bool, int]:
             return (c.l3 != pref, c.first)
 
         if mode == _FULL:
             mine = [(n, c) for n, c in d.leftover if c.node == node]
             if mine:
                 n, c = min(mine, key=lambda p: (near(p[1]), p[0]))
-                d.emulator, d.emu_core = n, c
+                d.emulator = (n, c)
                 d.cpus.add(n)
                 return True
         views = self.views(pc, node, self.taken | d.cpus)
         groups = [[v for v in views if v.core.l3 == pref], views]
         for g in groups:
             if mode in (_ISOLATE, _FULL):
-                got = _pick_whole(g, 1)
-                if got:
-                    v = got[0]
-                    d.emulator, d.emu_core = v.free[0], v.core
+                whole = _pick_whole(g, 1)
+                if whole:
+                    v = whole[0]
+                    d.emulator = (v.free[0], v.core)
                     d.reserved += v.free[1:]
                     d.cpus |= set(v.free)
                     return True
             else:
-                got = _pack(g, 1)
-                if got:
-                    v = got[0][0]
-                    d.emulator, d.emu_core = v.free[0], v.core
+                packed = _pack(g, 1)
+                if packed:
+                    v = packed[0][0]
+                    d.emulator = (v.free[0], v.core)
                     d.cpus.add(v.free[0])
                     return True
         return False
@@ -579,15 +600,18 @@ class _Allocator:
         rule = req.rule
         head = f"pool {rule.pool}, smt {rule.smt}: "
         reasons = []
-        for n, (core, what) in zip(d.vcpus, d.where):
+        for i, n in enumerate(d.vcpus):
+            core, what = d.where[i]
             reasons.append(head + f"{what} -> CPU {n}{self.on(core, rule.smt)}")
+        emulator = None
         if d.emulator is not None:
-            reasons.append(head + f"emulator -> CPU {d.emulator}{self.on(d.emu_core, rule.smt)}")
+            emulator, emu_core = d.emulator
+            reasons.append(head + f"emulator -> CPU {emulator}{self.on(emu_core, rule.smt)}")
         alloc = Allocation(
             key=req.key,
             pool=rule.pool,
             vcpus=tuple(d.vcpus),
-            emulator=d.emulator,
+            emulator=emulator,
             reserved=CpuSet(frozenset(d.reserved)),
             reasons=tuple(reasons),
         )
@@ -604,7 +628,7 @@ class _Allocator:
             s += f", L3 #{core.l3}"
         return s
 
-    def exhausted(self, req: Request, pc: _PoolCtx, node_views, want: int, free: int) -> str:
+    def exhausted(self, req: Request, pc: _PoolCtx, node_views: _NodeViews, want: int, free: int) -> str:
         rule = req.rule
         msg = f"pool '{rule.pool}' exhausted: needs {want} CPU{'s' if want != 1 else ''}, {free} free"
         views = [v for vs in node_views.values() for v in vs]
@@ -612,7 +636,10 @@ class _Allocator:
             t = req.threads_per_core
             g = -(-req.vcpus // t)
             ok = sum(1 for v in views if len(v.free) >= t)
-            msg += f" (smt mirror needs {g} host core{'s' if g != 1 else ''} with {t} free SMT sibling{'s' if t != 1 else ''}, {ok} have them)"
+            msg += (
+                f" (smt mirror needs {g} host core{'s' if g != 1 else ''} with {t} free SMT "
+                f"sibling{'s' if t != 1 else ''}, {ok} have them)"
+            )
         elif rule.smt == _ISOLATE:
             ok = sum(1 for v in views if v.whole)
             msg += f" (smt isolate needs {want} whole free core{'s' if want != 1 else ''}, {ok} free)"
@@ -624,8 +651,6 @@ class _Allocator:
 
 def _invalid(req: Request, pools: Mapping[str, PoolSpec]) -> str | None:
     rule = req.rule
-    if not isinstance(rule, PlacementRule):
-        return f"{req.name}: no placement rule"
     if rule.pool not in pools:
         return f"unknown pool '{rule.pool}'"
     if not pools[rule.pool].exclusive:
@@ -658,7 +683,7 @@ def allocate(
     prior = prior or {}
     failures: dict[Hashable, Failure] = {}
     todo: list[Request] = []
-    seen: set = set()
+    seen: set[Hashable] = set()
     for req in requests:
         if req.key in seen:
             failures.setdefault(req.key, Failure(req.key, f"{req.name}: duplicate request for the same VM"))

@@ -8,7 +8,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Mapping
+from typing import Hashable, Mapping
 
 from .cpuset import CpuSet
 from .pools import Allocation
@@ -107,14 +107,14 @@ def save(path: Path, saved: Mapping[Hashable, Saved]) -> None:
         os.close(dfd)
 
 
-def conflicts(saved: Mapping[Any, Saved]) -> list[str]:
+def conflicts(saved: Mapping[Hashable, Saved]) -> list[str]:
     """CPUs claimed by two saved VMs (a state file that lies must not double-book)."""
-    owner: dict[int, Any] = {}
+    owner: dict[int, Saved] = {}
     out = []
-    for key, s in saved.items():
+    for s in saved.values():
         for cpu in s.allocation.cpus:
             if cpu in owner:
-                out.append(f"CPU {cpu} held by pid {owner[cpu][0]} and pid {key[0]}")
+                out.append(f"CPU {cpu} held by pid {owner[cpu].pid} and pid {s.pid}")
             else:
-                owner[cpu] = key
+                owner[cpu] = s
     return out

@@ -67,6 +67,9 @@ _NODE_DIR_RE = re.compile(r"node([0-9]+)\Z")
 _TRAILING_NUM_RE = re.compile(r"[0-9]+\Z")
 _SIZE_RE = re.compile(r"([0-9]+)\s*([KMGT]?)(?:i?B)?\Z", re.IGNORECASE)
 _SIZE_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+_DECIMAL_RE = re.compile(r"[0-9]+\Z")
+# Legacy per-CPU cache files (cpuN/<prefix>cache_size) as lscpu reads them: prefix, level, type.
+_LEGACY_CACHES = (("l1_d", 1, "Data"), ("l1_i", 1, "Instruction"), ("l2_", 2, "Unified"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +379,8 @@ def _parse_size(text: str | None) -> int | None:
 
 
 def _read_caches(cpu_path: Path, cpu: int, registry: dict[tuple[str, int, int], CpuSet]) -> tuple[Cache, ...]:
+    if not (cpu_path / "cache" / "index0").exists() and (cpu_path / "l1_icache_size").exists():
+        return _read_legacy_caches(cpu_path, cpu, registry)
     caches = []
     i = 0
     while (idx := cpu_path / "cache" / f"index{i}").exists():
@@ -392,6 +397,27 @@ def _read_caches(cpu_path: Path, cpu: int, registry: dict[tuple[str, int, int], 
             registry[(ctype, level, cid)] = shared
         size = _parse_size(_read(idx / "size"))
         caches.append(Cache(level=level, type=ctype, size=size, shared_cpus=shared, id=cid))
+    return tuple(caches)
+
+
+def _read_legacy_caches(cpu_path: Path, cpu: int, registry: dict[tuple[str, int, int], CpuSet]) -> tuple[Cache, ...]:
+    """Per-CPU ``l1_dcache_size``-style files (sparc kernels), read the way lscpu reads them.
+
+    lscpu only looks at them when ``cache/index0`` is missing and ``l1_icache_size`` exists,
+    takes each size as a plain byte count, and reads L1d, L1i and L2 but not ``l3_cache_size``
+    (newer sparc kernels write one; lscpu's legacy reader never asks for it). There is no
+    sharing map, so each cache is private to its CPU.
+    """
+    caches = []
+    for prefix, level, ctype in _LEGACY_CACHES:
+        text = (_read(cpu_path / f"{prefix}cache_size") or "").strip()
+        if not _DECIMAL_RE.match(text):
+            continue
+        shared = CpuSet.of([cpu])
+        cid = _synthetic_cache_id(registry, cpu, ctype, level)
+        if not registry.get((ctype, level, cid)):
+            registry[(ctype, level, cid)] = shared
+        caches.append(Cache(level=level, type=ctype, size=int(text), shared_cpus=shared, id=cid))
     return tuple(caches)
 
 

@@ -103,8 +103,9 @@ def bench_start(tmp: Path, cfg: Path, starts: int) -> None:
     print(f"[start] qemu start -> 4 vCPU threads named: median {statistics.median(seen) * 1e3:.1f} ms")
     print(f"[start] qemu start -> 4 vCPUs pinned: median {statistics.median(pinned) * 1e3:.1f} ms, "
           f"max {max(pinned) * 1e3:.1f} ms over {len(pinned)} starts")
-    gaps = sorted(p - s for p, s in zip(pinned, seen))
-    print(f"[start] last vCPU named -> all pinned (as seen by a 0.2 ms poller): median {statistics.median(gaps) * 1e3:.2f} ms")
+    gaps = sorted(p - s for p, s in zip(pinned, seen, strict=True))
+    print("[start] last vCPU named -> all pinned (as seen by a 0.2 ms poller): "
+          f"median {statistics.median(gaps) * 1e3:.2f} ms")
 
 
 def bench_idle(tmp: Path, cfg: Path, seconds: float) -> None:

@@ -178,12 +178,12 @@ def bench_loop(snap: Snapshot, seconds: float) -> None:
         for every, what in ((0.1, "10 scrapes/s"), (0.0, "back-to-back scrapes")):
             stop = threading.Event()
 
-            def publisher() -> None:  # new snapshots all the time: every scrape renders (the worst case)
+            def publisher(stop: threading.Event) -> None:  # new snapshots all the time: every scrape renders
                 while not stop.is_set():
                     box["snap"] = dataclasses.replace(snap)
                     time.sleep(0.001)
 
-            pub = threading.Thread(target=publisher, daemon=True)
+            pub = threading.Thread(target=publisher, args=(stop,), daemon=True)
             pub.start()
             scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, url, str(seconds + 0.5), str(every)],
                                        stdout=subprocess.PIPE, text=True)

@@ -52,8 +52,9 @@ def bench(name: str, root: Path, n: int) -> float:
     rule = PlacementRule("dedicated", smt="mirror", numa="single", cache="l3")
     reqs = [Request((4000 + i, i), f"db-{i}", SIZES[i % len(SIZES)], t, rule, emulator_isolate=i % 4 == 0)
             for i in range(n)]
+    nodes = len({c.node for c in topo.cpus if c.online})
     print(f"{name}: {len(topo.online)} CPUs online, SMT {topo.smt_threads_per_core}, "
-          f"{len({c.node for c in topo.cpus if c.online})} node(s), pool {pool.cpus} ({len(pool.cpus)} CPUs), {n} requests")
+          f"{nodes} node(s), pool {pool.cpus} ({len(pool.cpus)} CPUs), {n} requests")
 
     worst = 0.0
     med, mx, (allocs, fails) = timed(lambda: allocate(topo, pools, reqs))

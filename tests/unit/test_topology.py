@@ -1,11 +1,13 @@
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from vcpud.cpuset import CpuSet
-from vcpud.topology import Cpu, Topology, format_parse, format_summary, read_topology
+from vcpud.cli import main
+from vcpud.topology import PARSE_HEADER, Cpu, Topology, format_parse, format_summary, read_topology
 
 from tests.conftest import DUMPS, SHARED_TOPOLOGIES as SHARED, skip_or_fail as _missing
 
@@ -274,6 +276,93 @@ def test_missing_cpu_directory_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="sys/devices/system/cpu"):
         read_topology(tmp_path)
 
+
+
+# --- legacy per-CPU cache files (sparc) ------------------------------------------------
+
+_LEGACY_PREFIX = {("1", "Data"): "l1_d", ("1", "Instruction"): "l1_i", ("2", "Unified"): "l2_", ("3", "Unified"): "l3_"}
+
+
+def _to_legacy_caches(root: Path) -> None:
+    """Rewrite cpuN/cache/indexM/ as the cpuN/lX_Ycache_size files sparc kernels write (sizes in bytes)."""
+    for cpu in sorted((root / "sys/devices/system/cpu").glob("cpu[0-9]*")):
+        cache = cpu / "cache"
+        if not cache.is_dir():
+            continue
+        for idx in sorted(cache.glob("index[0-9]*")):
+            prefix = _LEGACY_PREFIX[((idx / "level").read_text().strip(), (idx / "type").read_text().strip())]
+            size = (idx / "size").read_text().strip()
+            assert size.endswith("K"), size
+            (cpu / f"{prefix}cache_size").write_text(f"{int(size[:-1]) * 1024}\n")
+            (cpu / f"{prefix}cache_line_size").write_text((idx / "coherency_line_size").read_text())
+        shutil.rmtree(cache)
+
+
+@pytest.fixture()
+def legacy_dell(unpacked, tmp_path):
+    if "x86_64-dell_e4310" not in DUMPS:
+        _missing(f"topology dump 'x86_64-dell_e4310' not found in {SHARED.resolve()}")
+    root = tmp_path / "dell-legacy"
+    shutil.copytree(unpacked("x86_64-dell_e4310"), root, symlinks=True)
+    _to_legacy_caches(root)
+    assert (root / "sys/devices/system/cpu/cpu3/l3_cache_size").read_text() == "3145728\n"
+    return root
+
+
+# What util-linux 2.38.1 `lscpu --sysroot DIR -p [--physical]` prints for the dell dump rewritten by
+# _to_legacy_caches: every cache private to its CPU, and no L3 (lscpu reads l1_i, l1_d and l2_ only).
+_LEGACY_DELL_PARSE = (
+    "# CPU,Core,Socket,Node,,L1d,L1i,L2\n"
+    "0,0,0,0,,0,0,0\n"
+    "1,1,0,0,,1,1,1\n"
+    "2,0,0,0,,2,2,2\n"
+    "3,1,0,0,,3,3,3\n"
+)
+_LEGACY_DELL_PHYSICAL = (
+    "# CPU,Core,Socket,Node,,L1d,L1i,L2\n"
+    "0,0,0,0,,0,0,0\n"
+    "1,2,0,0,,1,1,1\n"
+    "2,0,0,0,,2,2,2\n"
+    "3,2,0,0,,3,3,3\n"
+)
+
+
+def test_legacy_cache_files_match_lscpu(legacy_dell):
+    t = read_topology(legacy_dell)
+    assert format_parse(t) == PARSE_HEADER + _LEGACY_DELL_PARSE
+    assert format_parse(t, physical=True) == PARSE_HEADER + _LEGACY_DELL_PHYSICAL
+    assert [(ca.name, ca.size, ca.shared_cpus, ca.id) for ca in t.cpus[2].caches] == [
+        ("L1d", 32 << 10, CpuSet.of([2]), 2),
+        ("L1i", 32 << 10, CpuSet.of([2]), 2),
+        ("L2", 256 << 10, CpuSet.of([2]), 2),
+    ]
+    assert t.l3_domains == ()
+
+
+def test_legacy_cache_files_through_the_cli(legacy_dell, capsys):
+    assert main(["topology", "--sysroot", str(legacy_dell), "--parse"]) == 0
+    assert capsys.readouterr().out == PARSE_HEADER + _LEGACY_DELL_PARSE
+
+
+def test_legacy_cache_files_when_lscpu_ignores_them(tmp_path):
+    cpu = "sys/devices/system/cpu"
+    _write(tmp_path, f"{cpu}/online", "0-2\n")
+    # cpu0: no l1_icache_size, so lscpu does not look at the other legacy files
+    _write(tmp_path, f"{cpu}/cpu0/l1_dcache_size", "16384\n")
+    _write(tmp_path, f"{cpu}/cpu0/l2_cache_size", "4194304\n")
+    # cpu1: cache/index* wins over legacy files
+    _write(tmp_path, f"{cpu}/cpu1/l1_icache_size", "16384\n")
+    _write(tmp_path, f"{cpu}/cpu1/cache/index0/level", "2\n")
+    _write(tmp_path, f"{cpu}/cpu1/cache/index0/type", "Unified\n")
+    _write(tmp_path, f"{cpu}/cpu1/cache/index0/size", "512K\n")
+    _write(tmp_path, f"{cpu}/cpu1/cache/index0/shared_cpu_list", "1\n")
+    # cpu2: a size that is not a plain byte count is skipped, the rest is read
+    _write(tmp_path, f"{cpu}/cpu2/l1_icache_size", "32K\n")
+    _write(tmp_path, f"{cpu}/cpu2/l1_dcache_size", "8192\n")
+    t = read_topology(tmp_path)
+    assert t.cpus[0].caches == ()
+    assert [(ca.name, ca.size) for ca in t.cpus[1].caches] == [("L2", 512 << 10)]
+    assert [(ca.name, ca.size, ca.shared_cpus) for ca in t.cpus[2].caches] == [("L1d", 8192, CpuSet.of([2]))]
 
 # --- live host ---------------------------------------------------------------------------
 
