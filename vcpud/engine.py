@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 from .cpuset import CpuSet
-from .discovery import Scan
+from .discovery import ExeCheck, Scan
 from .holdings import FileStore, StateStore
 from .pinning import AffinityOps, Outcome, PinResult
 from .placement import VMPlan
@@ -54,6 +54,7 @@ def reconcile(
     pids: Iterable[int] | None = None,
     topology: "Topology | None" = None,
     store: StateStore | None = None,
+    exe_check: ExeCheck | None = None,
 ) -> Report:
     """Discover VMs (all, or among ``pids``), plan them with ``config`` and apply the plan once.
 
@@ -61,7 +62,7 @@ def reconcile(
     """
     if store is None:
         store = FileStore(config.state_file)
-    rec = Reconciler(config, online, procfs, ops, store, topology=topology, dry_run=dry_run)
+    rec = Reconciler(config, online, procfs, ops, store, topology=topology, dry_run=dry_run, exe_check=exe_check)
     result = rec.rescan(ScanReason.STARTUP, pids)
     by_tid = {r.assignment.tid: r for r in result.pins}
     reports = []

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable
 
 from .activity import Stats, sample_vcpu_time
 from .cpuset import CpuSet
-from .discovery import VM, Role, Scan, classify_new_thread, scan, verify_executable
+from .discovery import VM, ExeCheck, Role, Scan, classify_new_thread, scan, verify_executable
 from .holdings import StateStore, load_priors, vm_pid, save_holders
 from .pinning import AffinityOps, Outcome, PinResult, pin_one
 from .placement import Assignment, PoolDecision, VMPlan, arrival_order, assign, decide_pools, plan_vm
@@ -98,7 +98,7 @@ class Reconciler:
     def __init__(self, config: "Config", online: CpuSet, procfs: Procfs, actuator: AffinityOps,
                  store: StateStore, topology: "Topology | None" = None,
                  clock: Callable[[], float] = time.monotonic, stats: Stats | None = None,
-                 dry_run: bool = False) -> None:
+                 dry_run: bool = False, exe_check: ExeCheck | None = None) -> None:
         self.config = config
         self.online = online
         self.topology = topology
@@ -108,6 +108,7 @@ class Reconciler:
         self.clock = clock
         self.stats = stats if stats is not None else Stats()
         self.dry_run = dry_run
+        self.exe_check = exe_check  # None: the live host's files
         self.vms: dict[int, VMState] = {}
         self.allocations: dict[Hashable, Allocation] = {}  # VM key -> pooled CPUs it holds
         self.not_vm: set[int] = set()  # tgids known not to be VMs (until they exec or exit)
@@ -207,7 +208,7 @@ class Reconciler:
         # A periodic rescan refreshes unchanged VMs cheaply; otherwise every VM is read afresh
         # (after a reload its policy may want other threads).
         known = {pid: st.vm for pid, st in self.vms.items()} if reason is ScanReason.PERIODIC else None
-        found = scan(self.procfs, self.config.executables, pids, known=known)
+        found = scan(self.procfs, self.config.executables, pids, known=known, exe_check=self.exe_check)
         self.stats.vanished += found.vanished
         alive = {vm.pid for vm in found.vms}
         if pids is None:
@@ -235,7 +236,7 @@ class Reconciler:
     def look_at(self, pids: list[int]) -> None:
         """Read these processes afresh (a VM that is starting, one that must be re-placed)."""
         t0 = time.perf_counter()
-        found = scan(self.procfs, self.config.executables, pids)
+        found = scan(self.procfs, self.config.executables, pids, exe_check=self.exe_check)
         self.stats.vanished += found.vanished
         fresh = {vm.pid for vm in found.vms}
         for pid in pids:
@@ -289,7 +290,7 @@ class Reconciler:
     def _consider(self, tgid: int) -> None:
         """A process we know nothing about showed up (exec, thread renamed): is it a VM?"""
         try:
-            _, why = verify_executable(self.procfs, tgid, self.config.executables)
+            _, why = verify_executable(self.procfs, tgid, self.config.executables, self.exe_check)
         except Vanished:
             self.stats.vanished += 1
             return

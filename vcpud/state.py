@@ -8,12 +8,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Hashable, Mapping
+from typing import Hashable, Mapping, TypeVar
 
 from .cpuset import CpuSet
 from .pools import Allocation
 
 log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
 
 VERSION = 1
 
@@ -107,7 +109,7 @@ def save(path: Path, saved: Mapping[Hashable, Saved]) -> None:
         os.close(dfd)
 
 
-def conflicts(saved: Mapping[Hashable, Saved]) -> list[str]:
+def conflicts(saved: Mapping[K, Saved]) -> list[str]:
     """CPUs claimed by two saved VMs (a state file that lies must not double-book)."""
     owner: dict[int, Saved] = {}
     out = []
