@@ -372,11 +372,15 @@ class ProcTree:
         link.unlink()
         link.symlink_to(target)
 
-    def set_host_files(self, files: Mapping[str, FileFacts]) -> None:
-        """Replace what the host has at each path (e.g. a package upgrade installing a new binary)."""
+    def set_host_files(self, files: Mapping[str, FileFacts | None]) -> None:
+        """Replace what the host has at each path (None: nothing there), e.g. a package upgrade."""
         path = self.root / HOST_FACTS
         current = _read_host(self.root) if path.exists() else {}
-        current.update(files)
+        for p, f in files.items():
+            if f is None:
+                current.pop(p, None)
+            else:
+                current[p] = f
         path.write_text("".join(f"{p}\t{format_facts(f)}\n" for p, f in sorted(current.items())))
 
     # --- internals --------------------------------------------------------------------------
