@@ -239,7 +239,8 @@ class ProcTree:
     """A /proc tree on disk (from :func:`load`) and the edits the kernel would make to it.
 
     Thread files edited: task/TID/{stat,status,comm,syscall}; a thread that is the process's
-    main thread has its edits mirrored to PID/{stat,status,comm}, as /proc shows them.
+    main thread has its edits mirrored to PID/{stat,status,comm}, as /proc shows them. Thread
+    counts (status Threads:, stat field 20) are not kept up to date: vcpud reads neither.
     """
 
     root: Path
