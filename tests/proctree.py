@@ -239,7 +239,8 @@ class ProcTree:
     """A /proc tree on disk (from :func:`load`) and the edits the kernel would make to it.
 
     Thread files edited: task/TID/{stat,status,comm,syscall}; a thread that is the process's
-    main thread has its edits mirrored to PID/{stat,status,comm}, as /proc shows them.
+    main thread has its edits mirrored to PID/{stat,status,comm}, as /proc shows them. Thread
+    counts (status Threads:, stat field 20) are not kept up to date: vcpud reads neither.
     """
 
     root: Path
@@ -372,11 +373,15 @@ class ProcTree:
         link.unlink()
         link.symlink_to(target)
 
-    def set_host_files(self, files: Mapping[str, FileFacts]) -> None:
-        """Replace what the host has at each path (e.g. a package upgrade installing a new binary)."""
+    def set_host_files(self, files: Mapping[str, FileFacts | None]) -> None:
+        """Replace what the host has at each path (None: nothing there), e.g. a package upgrade."""
         path = self.root / HOST_FACTS
         current = _read_host(self.root) if path.exists() else {}
-        current.update(files)
+        for p, f in files.items():
+            if f is None:
+                current.pop(p, None)
+            else:
+                current[p] = f
         path.write_text("".join(f"{p}\t{format_facts(f)}\n" for p, f in sorted(current.items())))
 
     # --- internals --------------------------------------------------------------------------
