@@ -97,15 +97,16 @@ def test_harness_with_a_standalone_metrics_server(tmp_path):
 
 # --- against `vcpud run` and real guests -----------------------------------------------------
 
+# Only this test's guests: other VMs on the host stay unmanaged (not pinned, not counted).
 POLICY = """\
 rescan_interval: 2s
 policies:
   - name: core
-    match: {name: "core*"}
+    match: {name: "core-prom"}
     vcpupin: {0: "0", 1: "1"}
     emulatorpin: "1"
   - name: web
-    match: {name: "web*"}
+    match: {name: "web-prom"}
     affinity: "0"
 """
 
