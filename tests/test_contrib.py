@@ -16,7 +16,7 @@ from tests.conftest import skip_or_fail
 from tests.prometheus import (ALERT_TESTS, ALERTS, PROMTOOL, alert_queries, alert_rules, dashboard, dashboard_panels,
                               dashboard_queries, variable_queries)
 from tests.unit.test_metrics import SCENARIO, samples
-from vcpud.metrics import render
+from vcpud.metrics import exposition
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
@@ -58,7 +58,7 @@ def test_alerts_are_annotated():
 @functools.cache
 def exposed_names() -> frozenset[str]:
     """Every sample name vcpud exposes (the scenario has a series in every family)."""
-    return frozenset(samples(render(SCENARIO)))
+    return frozenset(samples(exposition(SCENARIO)))
 
 
 def metric_names(expr: str) -> set[str]:

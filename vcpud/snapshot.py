@@ -5,9 +5,15 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, TypeVar
 
 from .cpuset import CpuSet
+from .discovery import Role
+from .pinning import Outcome
+from .vocab import EventSource, ThreadState, VMStatus
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 # Pin latency is microseconds to milliseconds; a reconcile is milliseconds to seconds.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -41,12 +47,23 @@ class Histogram:
         return HistogramView(self.buckets, tuple(self.counts), self.sum)
 
 
+def _coerce(view: object, name: str, enum_type: type) -> None:
+    # Callers may still pass the value strings ("vcpu"); the views hold enum members.
+    value = getattr(view, name)
+    if type(value) is not enum_type:
+        object.__setattr__(view, name, enum_type(value))
+
+
 @dataclass(frozen=True, slots=True)
 class ThreadView:
-    role: str                 # vcpu, emulator, iothread, vhost, kernel, unknown
+    role: Role
     cpus: CpuSet              # where it may run now
-    state: str                # pinned (as its policy wants), unpinned (no rule / unmanaged), failed
+    state: ThreadState
     vcpu: int | None = None
+
+    def __post_init__(self) -> None:
+        _coerce(self, "role", Role)
+        _coerce(self, "state", ThreadState)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +71,11 @@ class VMView:
     name: str
     uuid: str                 # "" when qemu has no -uuid
     policy: str               # "" when no policy matches
-    status: str               # pinned, placed, waiting, failed, unmanaged
+    status: VMStatus
     threads: tuple[ThreadView, ...] = ()
+
+    def __post_init__(self) -> None:
+        _coerce(self, "status", VMStatus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +87,7 @@ class PoolView:
     waiting: int = 0          # VMs that want CPUs from it and have none yet
 
 
-def _frozen(d: Mapping) -> Mapping:
+def _frozen(d: Mapping[_K, _V]) -> Mapping[_K, _V]:
     return MappingProxyType(dict(d))
 
 
@@ -80,10 +100,15 @@ class Snapshot:
     pools: tuple[PoolView, ...] = ()
     # CPU time of vCPU threads pinned to exactly that CPU, accumulated (monotonic) per CPU
     vcpu_seconds: Mapping[int, float] = field(default_factory=lambda: _frozen({}))
-    pin_operations: Mapping[str, int] = field(default_factory=lambda: _frozen({}))  # result -> count
+    pin_operations: Mapping[Outcome, int] = field(default_factory=lambda: _frozen({}))
     drift_corrections: int = 0
-    events: Mapping[str, int] = field(default_factory=lambda: _frozen({}))  # source -> count
+    events: Mapping[EventSource, int] = field(default_factory=lambda: _frozen({}))
+    rescans: int = 0                      # full scans of /proc, whatever the reason
+    vanished: int = 0                     # threads/processes that exited while being read or pinned
+    proc_connector_overruns: int = 0      # times the kernel dropped proc connector events
     pin_latency: HistogramView = HistogramView(LATENCY_BUCKETS, (0,) * (len(LATENCY_BUCKETS) + 1))
     reconcile_duration: HistogramView = HistogramView(DURATION_BUCKETS, (0,) * (len(DURATION_BUCKETS) + 1))
     config_last_reload_successful: bool = True
     config_last_reload_success_timestamp: float = 0.0
+    config_reloads_succeeded: int = 0     # reloads (SIGHUP) only: the initial load is not one
+    config_reloads_failed: int = 0

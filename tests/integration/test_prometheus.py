@@ -19,7 +19,7 @@ from tests.conftest import run_vcpud, skip_or_fail
 from tests.prometheus import (ALERTS, PROMETHEUS, PrometheusServer, alert_queries, alert_rules, dashboard_queries,
                               free_port, variable_queries)
 from tests.unit.test_metrics import SCENARIO, Box, samples
-from vcpud.metrics import MetricsServer, render
+from vcpud.metrics import MetricsServer, exposition
 
 # Panels that must show data whenever vcpud is scraped (the rest may be legitimately empty:
 # no pin in the window means no latency quantile, no waiting VM means nothing to draw...).
@@ -75,7 +75,7 @@ def test_harness_with_a_standalone_metrics_server(tmp_path):
         with PrometheusServer(tmp_path, [target], rule_files=[ALERTS]) as prom:
             prom.wait_target_up()
             want = {(dict(k)["cpu"], dict(k)["role"]): v
-                    for k, v in samples(render(SCENARIO))["vcpud_cpu_pinned_threads"].items()}
+                    for k, v in samples(exposition(SCENARIO))["vcpud_cpu_pinned_threads"].items()}
             got = prom.values(f'vcpud_cpu_pinned_threads{{instance="{target}"}}', "cpu", "role")
             assert got == want
             assert prom.values("vcpud_build_info", "version", "job") == {("0.1.0", "vcpud"): 1}
@@ -97,15 +97,16 @@ def test_harness_with_a_standalone_metrics_server(tmp_path):
 
 # --- against `vcpud run` and real guests -----------------------------------------------------
 
+# Only this test's guests: other VMs on the host stay unmanaged (not pinned, not counted).
 POLICY = """\
 rescan_interval: 2s
 policies:
   - name: core
-    match: {name: "core*"}
+    match: {name: "core-prom"}
     vcpupin: {0: "0", 1: "1"}
     emulatorpin: "1"
   - name: web
-    match: {name: "web*"}
+    match: {name: "web-prom"}
     affinity: "0"
 """
 

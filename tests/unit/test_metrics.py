@@ -1,5 +1,6 @@
 """vcpud.metrics: the exposition of a fixed snapshot (golden file, promtool-clean), the fast
-serializer against prometheus_client's, label escaping, and MetricsServer over real sockets.
+serializer against prometheus_client's (tests/unit/metrics_oracle.py), label escaping, the README's
+metric list, and MetricsServer over real sockets.
 
 Regenerate the golden file after an intended change with
 ``VCPUD_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/unit/test_metrics.py``.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -24,12 +26,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import skip_or_fail
+from tests.conftest import REPO, skip_or_fail
+from tests.unit.metrics_oracle import render
 from vcpud import __version__
 from vcpud.cpuset import CpuSet
-from vcpud.metrics import (EVENT_SOURCES, ListenError, MetricsServer, exposition, parse_listen, render)
+from vcpud.discovery import Role
+from vcpud.metrics import ListenError, MetricsServer, exposition, model, parse_listen
+from vcpud.pinning import Outcome
 from vcpud.snapshot import (DURATION_BUCKETS, LATENCY_BUCKETS, Histogram, PoolView, Snapshot, ThreadView,
                             VMView)
+from vcpud.vocab import EventSource, ThreadState, VMStatus
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics.txt"
 PROMTOOL = "/usr/bin/promtool"
@@ -69,13 +75,20 @@ SCENARIO = Snapshot(
            PoolView(name="dedicated", cpus=CpuSet.parse("2-3"), allocated=CpuSet.parse("2-3"), exclusive=True,
                     waiting=1)),
     vcpu_seconds=MappingProxyType({2: 12.5, 3: 0.75}),
-    pin_operations=MappingProxyType({"pinned": 9, "unchanged": 3, "vanished": 1, "no-permission": 2}),
+    pin_operations=MappingProxyType({Outcome.PINNED: 9, Outcome.UNCHANGED: 3, Outcome.VANISHED: 1,
+                                     Outcome.NO_PERMISSION: 2}),
     drift_corrections=1,
-    events=MappingProxyType({"udev": 4, "proc_connector": 120, "rescan": 6, "signal": 1}),
+    events=MappingProxyType({EventSource.UDEV: 4, EventSource.PROC_CONNECTOR: 120, EventSource.RESCAN: 6,
+                             EventSource.SIGNAL: 1}),
+    rescans=8,
+    vanished=5,
+    proc_connector_overruns=2,
     pin_latency=_hist(LATENCY_BUCKETS, [0.00008, 0.00015, 0.0002, 0.0004, 0.003, 2.0]),
     reconcile_duration=_hist(DURATION_BUCKETS, [0.004, 0.004, 0.03]),
     config_last_reload_successful=False,
     config_last_reload_success_timestamp=1700000000.0,
+    config_reloads_succeeded=3,
+    config_reloads_failed=1,
 )
 
 
@@ -105,11 +118,11 @@ def check_metrics(body: bytes) -> None:
 # --- the exposition ------------------------------------------------------------------------
 
 def test_golden():
-    body = render(SCENARIO)
+    body = exposition(SCENARIO)
     if os.environ.get("VCPUD_UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_bytes(body)
-    assert body.decode() == GOLDEN.read_text(), "render() changed; see the module docstring to regenerate"
+    assert body.decode() == GOLDEN.read_text(), "exposition() changed; see the module docstring to regenerate"
 
 
 def test_fast_serializer_equals_prometheus_client():
@@ -119,12 +132,12 @@ def test_fast_serializer_equals_prometheus_client():
 
 
 def test_promtool_check_metrics_is_clean():
-    check_metrics(render(SCENARIO))
-    check_metrics(render(Snapshot()))
+    check_metrics(exposition(SCENARIO))
+    check_metrics(exposition(Snapshot()))
 
 
 def test_scenario_values():
-    s = samples(render(SCENARIO))
+    s = samples(exposition(SCENARIO))
     pinned = {(dict(k)["cpu"], dict(k)["role"]): v for k, v in s["vcpud_cpu_pinned_threads"].items()}
     # every online CPU x every pinnable role, 0 where none
     assert set(pinned) == {(str(c), r) for c in range(4) for r in ("vcpu", "emulator", "iothread", "vhost")}
@@ -148,7 +161,8 @@ def test_scenario_values():
     assert s["vcpud_pool_exclusive"] == {(("pool", "dedicated"),): 1, (("pool", "shared"),): 0}
     assert s["vcpud_vms"] == {(("policy", ""),): 1, (("policy", "core"),): 1, (("policy", "web"),): 1}
     assert s["vcpud_vms_by_status"] == {(("status", k),): v for k, v in
-                                        {"pinned": 2, "placed": 0, "waiting": 0, "failed": 0, "unmanaged": 1}.items()}
+                                        {"pinned": 2, "placed": 0, "floating": 0, "waiting": 0, "failed": 0,
+                                         "unmanaged": 1}.items()}
     assert set(s["vcpud_vm_info"]) == {
         (("policy", "core"), ("uuid", CORE8.uuid), ("vm", "core8")),
         (("policy", "web"), ("uuid", ""), ("vm", "web1")), (("policy", ""), ("uuid", ""), ("vm", "nodbg"))}
@@ -159,8 +173,13 @@ def test_scenario_values():
         ("vcpu", "failed"): 1, ("kernel", "unpinned"): 2, ("emulator", "unpinned"): 1, ("vcpu", "unpinned"): 1,
         ("unknown", "unpinned"): 1}
     ops = {dict(k)["result"]: v for k, v in s["vcpud_pin_operations_total"].items()}
-    assert ops["pinned"] == 9 and ops["no-permission"] == 2 and ops["outside-cpuset"] == 0 and ops["error"] == 0
+    assert ops == {"pinned": 9, "unchanged": 3, "vanished": 1, "no-permission": 2, "outside-cpuset": 0,
+                   "mismatch": 0, "error": 0}  # no "planned": only dry runs have it
     assert s["vcpud_drift_corrections_total"] == {(): 1}
+    assert s["vcpud_rescans_total"] == {(): 8}
+    assert s["vcpud_vanished_total"] == {(): 5}
+    assert s["vcpud_proc_connector_overruns_total"] == {(): 2}
+    assert s["vcpud_config_reloads_total"] == {(("result", "success"),): 3, (("result", "failure"),): 1}
     assert {dict(k)["source"]: v for k, v in s["vcpud_events_total"].items()} == \
         {"udev": 4, "proc_connector": 120, "rescan": 6, "signal": 1}
     # histograms: cumulative buckets, +Inf == count
@@ -177,23 +196,71 @@ def test_scenario_values():
 
 
 def test_no_snapshot_yet_exposes_build_info_only():
-    s = samples(render(None))
+    s = samples(exposition(None))
     assert s == {"vcpud_build_info": {(("version", __version__),): 1}}
 
 
 def test_empty_snapshot_has_all_fixed_series():
-    s = samples(render(Snapshot(online=CpuSet.parse("0-1"))))
+    s = samples(exposition(Snapshot(online=CpuSet.parse("0-1"))))
     assert len(s["vcpud_cpu_pinned_threads"]) == 2 * 4
-    assert {dict(k)["source"] for k in s["vcpud_events_total"]} == set(EVENT_SOURCES)
-    assert len(s["vcpud_threads"]) == 18 and len(s["vcpud_vms_by_status"]) == 5
+    assert s["vcpud_events_total"] == {(("source", e.value),): 0 for e in EventSource}
+    assert s["vcpud_threads"] == {(("role", r.value), ("state", t.value)): 0 for r in Role for t in ThreadState}
+    assert s["vcpud_vms_by_status"] == {(("status", v.value),): 0 for v in VMStatus}
+    assert s["vcpud_pin_operations_total"] == {(("result", o.value),): 0 for o in Outcome if o is not Outcome.PLANNED}
+    assert s["vcpud_config_reloads_total"] == {(("result", "success"),): 0, (("result", "failure"),): 0}
+    for name in ("vcpud_rescans_total", "vcpud_vanished_total", "vcpud_proc_connector_overruns_total"):
+        assert s[name] == {(): 0}
     assert s["vcpud_pin_latency_seconds_count"] == {(): 0}
+
+
+def test_floating_vms_are_counted():
+    """A VM floating over its on_exhausted pool has a status of its own, always present."""
+    snap = Snapshot(online=CpuSet.parse("0-1"), vms=(
+        VMView(name="a", uuid="", policy="p", status=VMStatus.FLOATING, threads=(T("vcpu", "0-1", vcpu=0),)),
+        VMView(name="b", uuid="", policy="p", status="floating"),  # a value string is taken too
+        VMView(name="c", uuid="", policy="p", status=VMStatus.PLACED)))
+    by_status = {dict(k)["status"]: v for k, v in samples(exposition(snap))["vcpud_vms_by_status"].items()}
+    assert by_status == {"pinned": 0, "placed": 1, "floating": 2, "waiting": 0, "failed": 0, "unmanaged": 0}
+    assert exposition(snap) == render(snap)
+
+
+def test_views_hold_enum_members():
+    t = ThreadView(role="iothread", cpus=CpuSet.parse("0"), state="failed")
+    assert t.role is Role.IOTHREAD and t.state is ThreadState.FAILED
+    assert VMView(name="x", uuid="", policy="", status="waiting").status is VMStatus.WAITING
+    with pytest.raises(ValueError):
+        VMView(name="x", uuid="", policy="", status="asleep")
+    with pytest.raises(ValueError):
+        ThreadView(role="vcpu", cpus=CpuSet(), state="half-pinned")
+
+
+def readme_metrics() -> dict[str, set[str] | None]:
+    """Metric name -> its labels (None where the README gives none), from the README's Metrics section."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    found: dict[str, set[str] | None] = {}
+    for name, labels in re.findall(r"`(vcpud_[a-z0-9_]+)(?:\{([a-z_,]*)\})?`", section):
+        assert name not in found, f"README names {name} twice"
+        found[name] = set(labels.split(",")) if labels else None
+    return found
+
+
+def test_readme_lists_every_family():
+    exported = {f.exposed_name: set(f.labels) for f in model(SCENARIO)}
+    documented = readme_metrics()
+    assert set(documented) == set(exported), (
+        f"missing from README: {sorted(set(exported) - set(documented))}; "
+        f"not exported: {sorted(set(documented) - set(exported))}")
+    for name, labels in documented.items():
+        if labels is not None:
+            assert labels == exported[name], f"README: {name} has labels {sorted(exported[name])}"
 
 
 NASTY = ['web "quoted"', "back\\slash", "new\nline", 'all\\"\n\\n', "ünïcödé ☃", "tab\there", "{x=\"y\"}"]
 
 
 def test_label_values_are_escaped():
-    vms = tuple(VMView(name=n, uuid=f"u{i}", policy=n, status="pinned", threads=(T("vcpu", "0", vcpu=0),))
+    vms = tuple(VMView(name=n, uuid=f"u{i}", policy=n, status=VMStatus.PINNED, threads=(T("vcpu", "0", vcpu=0),))
                 for i, n in enumerate(NASTY))
     snap = Snapshot(online=CpuSet.parse("0"), vms=vms)
     body = render(snap)
@@ -208,7 +275,7 @@ def test_label_values_are_escaped():
 
 def test_undecodable_vm_name_still_renders():
     name = b"vm-\xff\xfe".decode("utf-8", "surrogateescape")
-    snap = Snapshot(online=CpuSet.parse("0"), vms=(VMView(name=name, uuid="", policy="p", status="pinned",
+    snap = Snapshot(online=CpuSet.parse("0"), vms=(VMView(name=name, uuid="", policy="p", status=VMStatus.PINNED,
                                                           threads=(T("vcpu", "0", vcpu=0),)),))
     body = render(snap)
     assert exposition(snap) == body
@@ -217,19 +284,20 @@ def test_undecodable_vm_name_still_renders():
 
 # Random snapshots: the fast serializer writes exactly what prometheus_client writes.
 _names = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
-_threads = st.builds(ThreadView, role=st.sampled_from(["vcpu", "emulator", "iothread", "vhost", "kernel", "unknown"]),
+_threads = st.builds(ThreadView, role=st.sampled_from(Role),
                      cpus=st.builds(CpuSet.of, st.frozensets(st.integers(0, 9), max_size=4)),
-                     state=st.sampled_from(["pinned", "unpinned", "failed"]))
-_vms = st.builds(VMView, name=_names, uuid=_names, policy=_names,
-                 status=st.sampled_from(["pinned", "placed", "waiting", "failed", "unmanaged"]),
+                     state=st.sampled_from(ThreadState))
+_vms = st.builds(VMView, name=_names, uuid=_names, policy=_names, status=st.sampled_from(VMStatus),
                  threads=st.lists(_threads, max_size=6).map(tuple))
 _snaps = st.builds(
     Snapshot, version=_names, taken_at=st.floats(0, 2e9), online=st.builds(CpuSet.of, st.frozensets(st.integers(0, 7))),
     vms=st.lists(_vms, max_size=5).map(tuple),
     vcpu_seconds=st.dictionaries(st.integers(0, 9), st.floats(0, 1e9)).map(MappingProxyType),
-    pin_operations=st.dictionaries(st.sampled_from(["pinned", "vanished", "new-result"]), st.integers(0, 10**12)).map(
-        MappingProxyType),
-    drift_corrections=st.integers(0, 10**7),
+    pin_operations=st.dictionaries(st.sampled_from(Outcome), st.integers(0, 10**12)).map(MappingProxyType),
+    events=st.dictionaries(st.sampled_from(EventSource), st.integers(0, 10**12)).map(MappingProxyType),
+    drift_corrections=st.integers(0, 10**7), rescans=st.integers(0, 10**7), vanished=st.integers(0, 10**7),
+    proc_connector_overruns=st.integers(0, 10**7), config_reloads_succeeded=st.integers(0, 10**7),
+    config_reloads_failed=st.integers(0, 10**7),
     config_last_reload_successful=st.booleans(), config_last_reload_success_timestamp=st.floats(0, 2e9))
 
 
@@ -284,7 +352,7 @@ def test_server_serves_scrapes_new_snapshots_and_frees_its_port(server):
     assert host == "127.0.0.1" and port > 0
     status, headers, body = get(base + "/metrics")
     assert status == 200 and headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
-    assert body == render(SCENARIO)
+    assert body == exposition(SCENARIO)
     assert box.reads == 1, "one scrape must read the snapshot once"
     s = samples(body)
     assert s["vcpud_cpu_pinned_threads"][(("cpu", "1"), ("role", "emulator"))] == 3
@@ -339,14 +407,14 @@ def test_one_snapshot_per_scrape_under_concurrent_swaps(server):
 
 
 def test_same_snapshot_is_rendered_once(server, monkeypatch):
-    import vcpud.metrics as metrics
+    import vcpud.metrics.server as server_module
     calls = []
-    real = metrics.exposition
-    monkeypatch.setattr(metrics, "exposition", lambda s: calls.append(s) or real(s))
+    real = server_module.exposition
+    monkeypatch.setattr(server_module, "exposition", lambda s: calls.append(s) or real(s))
     box = Box(SCENARIO)
     _, base = server(box)
     for _ in range(3):
-        assert get(base + "/metrics")[2] == render(SCENARIO)
+        assert get(base + "/metrics")[2] == exposition(SCENARIO)
     box.snap = dataclasses.replace(SCENARIO)
     get(base + "/metrics")
     assert len(calls) == 2
@@ -419,7 +487,6 @@ def test_parse_listen_rejects(spec):
 
 def test_setup_script_installs_promtool():
     """The test suite needs promtool and prometheus: contrib/setup-dev.sh must install them."""
-    from tests.conftest import REPO
     text = (REPO / "contrib" / "setup-dev.sh").read_text()
     need = next(line for line in text.splitlines() if line.startswith("need=("))
     assert " prometheus" in need.replace(")", " )"), need

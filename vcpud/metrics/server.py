@@ -1,0 +1,232 @@
+"""The HTTP server of ``/metrics``: a daemon thread that renders each published snapshot once
+(ahead of the next scrape when it can) and serves the bytes; plus the ``HOST:PORT`` parser.
+
+The event loop publishes an immutable snapshot after each reconcile (one reference swap). A scrape
+reads that snapshot and nothing else: it never touches /proc, never takes a lock the loop holds, and
+every family of one scrape comes from the *same* snapshot object. No process or GC collectors: the
+service manager and node_exporter report the process; a scrape reports only the snapshot.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import selectors
+import socket
+import socketserver
+import threading
+import time
+from typing import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from ..snapshot import Snapshot
+from .textformat import CONTENT_TYPE, exposition
+
+log = logging.getLogger(__name__)
+
+Source = Callable[[], "Snapshot | None"]
+
+
+class ListenError(OSError, ValueError):
+    """A ``HOST:PORT`` that does not parse (an OSError too, so callers handling bind errors see it)."""
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``"HOST:PORT"``, ``"[V6]:PORT"`` or ``":PORT"`` (all IPv4 interfaces) -> (host, port)."""
+    spec = listen.strip()
+    if spec.startswith("["):
+        host, sep, rest = spec[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ListenError(f"bad listen address {listen!r}: expected [IPV6]:PORT")
+        port_s = rest[1:]
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise ListenError(f"bad IPv6 address {host!r} in {listen!r}") from None
+    else:
+        host, sep, port_s = spec.rpartition(":")
+        if not sep:
+            raise ListenError(f"bad listen address {listen!r}: expected HOST:PORT")
+        if ":" in host:
+            raise ListenError(f"bad listen address {listen!r}: put an IPv6 address in brackets, [::1]:PORT")
+        host = host or "0.0.0.0"
+    if not (port_s.isascii() and port_s.isdigit()) or not 0 <= int(port_s) <= 65535:
+        raise ListenError(f"bad port {port_s!r} in {listen!r}")
+    return host, int(port_s)
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = 10  # a client that connects and says nothing does not keep a thread forever
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    timeout = 0.0  # handle_request() is called when the socket is readable: it must never wait
+
+    def __init__(self, address: tuple, family: int) -> None:
+        self.address_family = family
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind asks DNS for the host's FQDN (socket.getfqdn): never do that.
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+        self.setup_environ()
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        log.debug("metrics: error serving %s", client_address, exc_info=True)
+
+
+# Snapshots change after every event burst; rendering each at once would cost the loop GIL time.
+PRERENDER_INTERVAL = 0.1
+
+
+class MetricsServer:
+    """Serves ``/metrics`` for ``source()`` from a daemon thread; ``start()`` then ``stop()``."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._stop = threading.Event()
+        self._cache: tuple[object, bytes] | None = None
+        self._render_lock = threading.Lock()
+        self._pub_r: socket.socket | None = None
+        self._pub_w: socket.socket | None = None
+        self.address: tuple[str, int] | None = None
+
+    def start(self, listen: str) -> tuple[str, int]:
+        """Bind ``listen`` (port 0: any free port) and serve; returns the bound (host, port).
+
+        Raises OSError (ListenError for an address that does not parse) and then serves nothing.
+        """
+        if self._httpd is not None:
+            raise RuntimeError("MetricsServer already started")
+        host, port = parse_listen(listen)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as e:
+            raise OSError(errno.EADDRNOTAVAIL, f"cannot resolve {host!r}: {e}") from e
+        family, _, _, _, sockaddr = infos[0]
+        httpd = _Server(sockaddr, family)
+        httpd.set_app(self._app)
+        self._httpd = httpd
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._pub_r, self._pub_w = socket.socketpair()
+        for sock in (self._pub_r, self._pub_w):
+            sock.setblocking(False)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="vcpud-metrics", daemon=True)
+        self._thread.start()
+        bound = httpd.socket.getsockname()
+        self.address = (bound[0], bound[1])
+        return self.address
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket (returns at once; idempotent)."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        self._stop.set()
+        assert self._wake_w is not None and self._thread is not None
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        self._thread.join(timeout=2)
+        httpd.server_close()
+        for sock in (self._wake_r, self._wake_w, self._pub_r, self._pub_w):
+            if sock is not None:
+                sock.close()
+        self._wake_r = self._wake_w = self._pub_r = self._pub_w = None
+        self._thread = None
+
+    def published(self) -> None:
+        """The source has a new snapshot: render it ahead of the next scrape (never blocks)."""
+        w = self._pub_w
+        if w is not None:
+            try:
+                w.send(b"p")
+            except OSError:
+                pass  # full (a render is due anyway) or stopped
+
+    def _serve(self) -> None:
+        """Accept loop: sleeps until a client connects, a snapshot is published, or stop().
+
+        A published snapshot is rendered here, at most every PRERENDER_INTERVAL seconds, so
+        that a scrape finds the bytes ready instead of rendering while Prometheus waits.
+        """
+        httpd, wake, pub, stop = self._httpd, self._wake_r, self._pub_r, self._stop
+        assert httpd is not None and wake is not None and pub is not None
+        due: float | None = None
+        last = 0.0
+        with selectors.DefaultSelector() as sel:
+            sel.register(httpd.socket, selectors.EVENT_READ)
+            sel.register(wake, selectors.EVENT_READ)
+            sel.register(pub, selectors.EVENT_READ)
+            while not stop.is_set():
+                timeout = None if due is None else max(0.0, due - time.monotonic())
+                for key, _ in sel.select(timeout):
+                    if stop.is_set():
+                        return
+                    if key.fileobj is httpd.socket:
+                        httpd.handle_request()
+                    elif key.fileobj is pub:
+                        try:
+                            while pub.recv(4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                        if due is None:
+                            due = max(time.monotonic(), last + PRERENDER_INTERVAL)
+                if due is not None and time.monotonic() >= due:
+                    due, last = None, time.monotonic()
+                    try:
+                        self.scrape()
+                    except Exception:  # the scrape itself will report it
+                        log.exception("metrics: cannot render")
+
+    def scrape(self) -> bytes:
+        """The body of one scrape: the text format of ``source()``'s snapshot, rendered once per snapshot.
+
+        The daemon publishes a new snapshot object after each reconcile; until it does, scrapes
+        reuse the bytes rendered for the current one (Prometheus HA pairs, a dashboard and ``curl``
+        then cost nothing). The cache is one (snapshot, bytes) tuple swapped whole.
+        """
+        with self._render_lock:  # a scrape during a pre-render waits for it rather than repeat it
+            snap = self.source()
+            cached = self._cache
+            if cached is not None and cached[0] is snap:
+                return cached[1]
+            body = exposition(snap)
+            self._cache = (snap, body)
+            return body
+
+    def _app(self, environ: dict, start_response: Callable) -> list[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        if path == "/":
+            body = b'<html><head><title>vcpud</title></head><body><a href="/metrics">Metrics</a></body></html>\n'
+            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
+        if path != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found; metrics are at /metrics\n"]
+        try:
+            body = self.scrape()
+        except Exception as e:  # a bug here must not take the thread down; the scrape fails (up == 0)
+            log.exception("metrics: cannot render")
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"cannot render metrics: {e}\n".encode("utf-8", "replace")]
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(body)))])
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
