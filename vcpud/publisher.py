@@ -29,10 +29,10 @@ def snapshot(rec: Reconciler) -> Snapshot:
             a = st.wanted.get(t.tid)
             state = ThreadState.PINNED if a is not None else \
                 ThreadState.FAILED if t.tid in st.failed else ThreadState.UNPINNED
-            threads.append(ThreadView(role=t.role.value, cpus=a.cpus if a else t.affinity, state=state.value,
+            threads.append(ThreadView(role=t.role, cpus=a.cpus if a else t.affinity, state=state,
                                       vcpu=t.vcpu))
         vms.append(VMView(name=st.vm.display_name, uuid=st.vm.uuid or "", policy=st.policy.name if st.policy else "",
-                          status=st.status.value, threads=tuple(threads)))
+                          status=st.status, threads=tuple(threads)))
     pools = tuple(PoolView(name=p.name, cpus=p.cpus & rec.online, allocated=_allocated(rec, p.name),
                            exclusive=p.exclusive, waiting=_waiting(rec, p.name))
                   for p in rec.config.pools.values())
@@ -40,12 +40,14 @@ def snapshot(rec: Reconciler) -> Snapshot:
     return Snapshot(
         version=__version__, taken_at=time.time(), online=rec.online, vms=tuple(vms), pools=pools,
         vcpu_seconds=MappingProxyType(dict(s.vcpu_seconds)),
-        pin_operations=MappingProxyType({k.value: v for k, v in s.pins.items()}),
+        pin_operations=MappingProxyType(dict(s.pins)),
         drift_corrections=s.drift_corrections,
-        events=MappingProxyType({k.value: v for k, v in s.events.items()}),
+        events=MappingProxyType(dict(s.events)),
         pin_latency=s.latency_hist.view(), reconcile_duration=s.reconcile_hist.view(),
         config_last_reload_successful=s.last_reload_ok,
         config_last_reload_success_timestamp=s.last_reload_success,
+        rescans=s.rescans, vanished=s.vanished, proc_connector_overruns=s.overruns,
+        config_reloads_succeeded=s.reloads_ok, config_reloads_failed=s.reloads_failed,
     )
 
 

@@ -435,3 +435,29 @@ def test_cpu_going_offline_replaces_the_vms_on_it(tree):
     assert rec.set_topology(online, synth(cores_per_node=(2,), smt=2, offline=(lost,)))
     assert lost not in {c for a in rec.allocations.values() for c in a.vcpus}
     assert not rec.set_topology(online, None)  # no change, no work
+
+
+# --- what readers see ----------------------------------------------------------------------------
+def test_snapshot_and_status_line_follow_the_reconciler(tree):
+    from vcpud.metrics import exposition
+    from vcpud.publisher import ConfigInfo, snapshot, status_line
+    from vcpud.vocab import ThreadState
+
+    named = tree.pid("named")
+    vcpu0 = tree.tid_by_comm(named, "CPU 0/KVM")
+    tree.set_affinity(named, vcpu0, [3])
+    rec, act, _ = make(tree)
+    act.refuse[vcpu0] = errno.EPERM
+    rec.rescan(ScanReason.STARTUP)
+    snap = snapshot(rec)
+    views = {v.name: v for v in snap.vms}
+    assert views["fixture-named"].status is VMStatus.FAILED
+    states = {t.vcpu: t.state for t in views["fixture-named"].threads if t.role is Role.VCPU}
+    assert states == {0: ThreadState.FAILED, 1: ThreadState.PINNED}
+    assert snap.rescans == 1 and snap.pin_operations[Outcome.NO_PERMISSION] == 1
+    text = exposition(snap).decode()
+    assert 'vcpud_vms_by_status{status="failed"} 1.0' in text
+    assert "vcpud_rescans_total 1.0" in text
+    line = status_line(rec, ConfigInfo(loaded_at="12:00:00"))
+    assert line.startswith("3 VMs, ") and "1 failed" in line and "12:00:00" in line
+    assert status_line(rec, ConfigInfo("12:00:00", "reload failed at 12:01:00")).startswith("reload failed")
