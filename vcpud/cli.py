@@ -282,7 +282,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         _, live = _live(args, cfg)
     else:
         print(f"vcpud: topology from {args.sysroot}: this host's VMs are not part of the plan", file=sys.stderr)
-    p = plan(cfg, live + imagined, online, topo, load_priors(cfg, FileStore(cfg.state_file), live, online, topo) if live else {})
+    prior = load_priors(cfg, FileStore(cfg.state_file), live, online, topo) if live else {}
+    p = plan(cfg, live + imagined, online, topo, prior)
     rows = [plan_json(vp, cfg, topo.isolated) for vp in p.vms]
     free = free_cpus(cfg.pools, topo, list(p.allocations.values()))
     pools = {name: {"cpus": list(spec.cpus & online), "exclusive": spec.exclusive,

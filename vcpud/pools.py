@@ -3,73 +3,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Hashable, Iterable, Mapping, Sequence
 
 from .cpuset import CpuSet
+from .pooltypes import CACHE_MODES, NUMA_MODES, SMT_MODES, Allocation, Failure, PlacementRule, PoolSpec, Request
 from .topology import Topology
 
+__all__ = ["CACHE_MODES", "NUMA_MODES", "SMT_MODES", "Allocation", "Failure", "PlacementRule", "PoolSpec",
+           "Request", "allocate", "free_cpus"]
+
 log = logging.getLogger(__name__)
-
-SMT_MODES = ("any", "mirror", "isolate", "full-cores")
-NUMA_MODES = ("any", "single", "spread")
-CACHE_MODES = ("any", "l3")
-
-
-@dataclass(frozen=True, slots=True)
-class PoolSpec:
-    """A named set of host CPUs; in an exclusive pool each CPU belongs to at most one VM."""
-
-    name: str
-    cpus: CpuSet
-    exclusive: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class PlacementRule:
-    """How a VM's vCPUs take CPUs from a pool (policy `vcpus: {pool: ..., smt: ..., ...}`)."""
-
-    pool: str
-    smt: str = "any"      # SMT_MODES
-    numa: str = "any"     # NUMA_MODES
-    cache: str = "any"    # CACHE_MODES
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One VM asking for dedicated CPUs."""
-
-    key: Hashable            # the VM's identity: (pid, starttime) for live VMs
-    name: str
-    vcpus: int
-    threads_per_core: int    # guest SMT (qemu -smp threads=)
-    rule: PlacementRule
-    emulator_isolate: bool = False  # one more dedicated CPU for the emulator threads
-
-
-@dataclass(frozen=True, slots=True)
-class Allocation:
-    key: Hashable
-    pool: str
-    vcpus: tuple[int, ...]         # host CPU of vCPU 0, 1, ...
-    emulator: int | None = None    # the isolated emulator CPU, if asked for
-    reserved: CpuSet = CpuSet()    # held but unused: siblings kept free (isolate, full-cores)
-    reasons: tuple[str, ...] = ()  # why each CPU: one per vCPU, then the emulator's
-
-    @property
-    def cpus(self) -> CpuSet:
-        """Every CPU this allocation takes out of its pool."""
-        held = set(self.vcpus) | set(self.reserved)
-        if self.emulator is not None:
-            held.add(self.emulator)
-        return CpuSet(frozenset(held))
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    key: Hashable
-    reason: str
-
 
 # =====================================================================================
 # Allocation
@@ -344,6 +287,16 @@ class _Draft:
         self.cpus: set[int] = set()
 
 
+def _on(core: _Core, mode: str) -> str:
+    kind = {_ISOLATE: "alone on host core", _FULL: "of whole host core"}.get(mode, "of host core")
+    s = f" {kind} {core.number} (CPUs {core.label})"
+    if core.node is not None:
+        s += f", node {core.node}"
+    if core.l3 is not None:
+        s += f", L3 #{core.l3}"
+    return s
+
+
 class _Allocator:
     def __init__(self, topology: Topology, pools: Mapping[str, PoolSpec]) -> None:
         self.index = _Index(topology)
@@ -602,11 +555,11 @@ class _Allocator:
         reasons = []
         for i, n in enumerate(d.vcpus):
             core, what = d.where[i]
-            reasons.append(head + f"{what} -> CPU {n}{self.on(core, rule.smt)}")
+            reasons.append(head + f"{what} -> CPU {n}{_on(core, rule.smt)}")
         emulator = None
         if d.emulator is not None:
             emulator, emu_core = d.emulator
-            reasons.append(head + f"emulator -> CPU {emulator}{self.on(emu_core, rule.smt)}")
+            reasons.append(head + f"emulator -> CPU {emulator}{_on(emu_core, rule.smt)}")
         alloc = Allocation(
             key=req.key,
             pool=rule.pool,
@@ -617,16 +570,6 @@ class _Allocator:
         )
         self.keep(req, alloc)
         return alloc
-
-    @staticmethod
-    def on(core: _Core, mode: str) -> str:
-        kind = {_ISOLATE: "alone on host core", _FULL: "of whole host core"}.get(mode, "of host core")
-        s = f" {kind} {core.number} (CPUs {core.label})"
-        if core.node is not None:
-            s += f", node {core.node}"
-        if core.l3 is not None:
-            s += f", L3 #{core.l3}"
-        return s
 
     def exhausted(self, req: Request, pc: _PoolCtx, node_views: _NodeViews, want: int, free: int) -> str:
         rule = req.rule
