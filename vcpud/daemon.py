@@ -321,7 +321,7 @@ class Daemon:
         self.stats.last_reload_ok = True
         self.stats.last_reload_success = time.time()
         self.info = ConfigInfo(loaded_at=datetime.now().strftime("%H:%M:%S"))
-        rec.store = FileStore(new.state_file)
+        rec.ledger.store = FileStore(new.state_file)
         moved, changed = rec.reload(new, topo.online, topo)
         log.info("reloaded: %d policies; %d VMs re-pinned, %d threads changed", len(new.policies), moved, changed)
         self.next_rescan = self.clock() + new.rescan_interval

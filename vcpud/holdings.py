@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Hashable, Iterable, Mapping, Protocol
 from . import state
 from .cpuset import CpuSet
 from .discovery import VM
-from .placement import adopt
+from .placement import PoolDecision, adopt, arrival_order, decide_pools
 from .pools import Allocation
 
 if TYPE_CHECKING:
@@ -97,3 +97,49 @@ def save_holders(store: StateStore, holders: Iterable[tuple[VM, str, Allocation]
         store.save(saved)
     except OSError as e:
         log.error("cannot write state file %s: %s", store.describe(), e)
+
+
+class Ledger:
+    """The pooled CPUs each live VM holds, written to the store whenever they change."""
+
+    def __init__(self, store: StateStore, dry_run: bool = False) -> None:
+        self.store = store
+        self.dry_run = dry_run  # reads the store, never writes it
+        self.allocations: dict[Hashable, Allocation] = {}  # VM key -> pooled CPUs it holds
+
+    def start(self, config: "Config", vms: Iterable[VM], online: CpuSet, topology: "Topology | None") -> None:
+        self.allocations = load_priors(config, self.store, vms, online, topology)
+
+    def place(self, config: "Config", topology: "Topology | None", vms: Iterable[VM],
+              save: bool = False) -> dict[Hashable, PoolDecision]:
+        """Pool CPUs for every live VM (arrival order; VMs keep what they hold); saves changes."""
+        order = arrival_order(vms)
+        policies = [config.select(vm) for vm in order]
+        decisions = decide_pools(config, topology, order, policies, self.allocations)
+        allocations = {k: d.allocation for k, d in decisions.items() if d.allocation is not None}
+        if allocations != self.allocations or save:
+            for k, a in allocations.items():
+                if self.allocations.get(k) != a:
+                    log.info("pid %s gets pool %s CPUs %s", vm_pid(k), a.pool, a.cpus)
+            self.allocations = allocations
+            self.save([(vm, p.name, allocations[vm.key])
+                       for vm, p in zip(order, policies, strict=True) if p is not None and vm.key in allocations])
+        return decisions
+
+    def release(self, vm: VM, holders: Iterable[tuple[VM, str]]) -> bool:
+        """A VM is gone: free what it held; ``holders`` are the VMs still alive with their policy."""
+        if self.allocations.pop(vm.key, None) is None:
+            return False
+        self.save([(x, policy, self.allocations[x.key]) for x, policy in holders if x.key in self.allocations])
+        return True
+
+    def held(self, pool: str) -> CpuSet:
+        out = CpuSet()
+        for a in self.allocations.values():
+            if a.pool == pool:
+                out |= a.cpus
+        return out
+
+    def save(self, holders: Iterable[tuple[VM, str, Allocation]]) -> None:
+        if not self.dry_run:
+            save_holders(self.store, holders)

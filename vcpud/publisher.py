@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from . import __version__
-from .cpuset import CpuSet
 from .reconciler import Reconciler
 from .snapshot import PoolView, Snapshot, ThreadView, VMView
 from .vocab import ThreadState
@@ -33,7 +32,7 @@ def snapshot(rec: Reconciler) -> Snapshot:
                                       vcpu=t.vcpu))
         vms.append(VMView(name=st.vm.display_name, uuid=st.vm.uuid or "", policy=st.policy.name if st.policy else "",
                           status=st.status, threads=tuple(threads)))
-    pools = tuple(PoolView(name=p.name, cpus=p.cpus & rec.online, allocated=_allocated(rec, p.name),
+    pools = tuple(PoolView(name=p.name, cpus=p.cpus & rec.online, allocated=rec.ledger.held(p.name),
                            exclusive=p.exclusive, waiting=_waiting(rec, p.name))
                   for p in rec.config.pools.values())
     s = rec.stats
@@ -49,14 +48,6 @@ def snapshot(rec: Reconciler) -> Snapshot:
         rescans=s.rescans, vanished=s.vanished, proc_connector_overruns=s.overruns,
         config_reloads_succeeded=s.reloads_ok, config_reloads_failed=s.reloads_failed,
     )
-
-
-def _allocated(rec: Reconciler, pool: str) -> CpuSet:
-    held = CpuSet()
-    for a in rec.allocations.values():
-        if a.pool == pool:
-            held |= a.cpus
-    return held
 
 
 def _waiting(rec: Reconciler, pool: str) -> int:

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable
 from .activity import Stats, sample_vcpu_time
 from .cpuset import CpuSet
 from .discovery import VM, ExeCheck, Role, Scan, classify_new_thread, scan, verify_executable
-from .holdings import StateStore, load_priors, vm_pid, save_holders
+from .holdings import Ledger, StateStore
 from .pinning import AffinityOps, Outcome, PinResult, pin_one
-from .placement import Assignment, PoolDecision, VMPlan, arrival_order, assign, decide_pools, plan_vm
+from .placement import Assignment, PoolDecision, VMPlan, arrival_order, assign, plan_vm
 from .pools import Allocation
 from .procfs import Procfs, Vanished
 from .vocab import VMStatus
@@ -92,6 +92,18 @@ def _fields(vm: VM, policy: str | None, a: Assignment | None = None) -> dict[str
     return f
 
 
+def _since(event_ns: int) -> float:
+    # the connector's timestamp is ktime_get_ns(): CLOCK_MONOTONIC
+    return (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - event_ns) / 1e9
+
+
+def _say_once(st: VMState, tid: int, reason: str, msg: str, *args: object, extra: dict[str, Any]) -> None:
+    """A failure is a warning the first time for (thread, reason), then debug."""
+    level = logging.DEBUG if (tid, reason) in st.said else logging.WARNING
+    st.said.add((tid, reason))
+    log.log(level, msg, *args, extra=extra)
+
+
 class Reconciler:
     """VM state and the one pipeline: discover -> match -> place -> pin -> record."""
 
@@ -104,18 +116,22 @@ class Reconciler:
         self.topology = topology
         self.procfs = procfs
         self.actuator = actuator
-        self.store = store
+        self.ledger = Ledger(store, dry_run)
         self.clock = clock
         self.stats = stats if stats is not None else Stats()
         self.dry_run = dry_run
         self.exe_check = exe_check  # None: the live host's files
         self.vms: dict[int, VMState] = {}
-        self.allocations: dict[Hashable, Allocation] = {}  # VM key -> pooled CPUs it holds
         self.not_vm: set[int] = set()  # tgids known not to be VMs (until they exec or exit)
         self.due: dict[int, float] = {}  # pid -> when to look at that process again
         self.unnamed: dict[int, tuple[int, float]] = {}  # tid -> (tgid, when): new threads awaiting a name
         self.rescan_wanted = False  # events were lost: the caller should rescan soon
         self.changed = True  # what readers see moved since the caller last published
+
+    @property
+    def allocations(self) -> dict[Hashable, Allocation]:
+        """VM key -> the pooled CPUs it holds."""
+        return self.ledger.allocations
 
     @property
     def isolated(self) -> CpuSet:
@@ -218,12 +234,11 @@ class Reconciler:
             if pid not in alive:
                 self.forget(pid)
         if reason is ScanReason.STARTUP:
-            self.allocations = load_priors(self.config, self.store, arrival_order(found.vms), self.online,
-                                           self.topology)
+            self.ledger.start(self.config, arrival_order(found.vms), self.online, self.topology)
         others = [st.vm for pid, st in self.vms.items() if pid not in alive]
         # At startup the store is rewritten whole: it may have been corrupt, or name dead VMs.
-        decisions = self._place(others + list(found.vms),
-                                save=reason is ScanReason.STARTUP and bool(self.allocations))
+        decisions = self.ledger.place(self.config, self.topology, others + list(found.vms),
+                                      save=reason is ScanReason.STARTUP and bool(self.allocations))
         pins: list[PinResult] = []
         for vm in arrival_order(found.vms):
             pins += self._apply_vm(vm, decisions.get(vm.key, PoolDecision()))
@@ -243,7 +258,7 @@ class Reconciler:
             if pid not in fresh:
                 self.forget(pid)
         others = [st.vm for pid, st in self.vms.items() if pid not in fresh]
-        decisions = self._place(others + list(found.vms))
+        decisions = self.ledger.place(self.config, self.topology, others + list(found.vms))
         for vm in arrival_order(found.vms):
             self._apply_vm(vm, decisions.get(vm.key, PoolDecision()))
         self.stats.reconcile_hist.observe(time.perf_counter() - t0)
@@ -279,9 +294,7 @@ class Reconciler:
         if st is None:
             return
         self.changed = True
-        if self.allocations.pop(st.vm.key, None) is not None:
-            self._save([(x.vm, x.policy.name, self.allocations[x.vm.key])
-                        for x in self.vms.values() if x.policy is not None and x.vm.key in self.allocations])
+        if self.ledger.release(st.vm, [(x.vm, x.policy.name) for x in self.vms.values() if x.policy is not None]):
             for other in self.vms.values():
                 if other.waiting:
                     self.due[other.vm.pid] = self.clock()
@@ -299,25 +312,6 @@ class Reconciler:
         else:
             self.not_vm.add(tgid)
 
-    def _place(self, vms: list[VM], save: bool = False) -> dict[Hashable, PoolDecision]:
-        """Pool CPUs for every live VM (arrival order; VMs keep what they hold); saves changes."""
-        order = arrival_order(vms)
-        policies = [self.config.select(vm) for vm in order]
-        decisions = decide_pools(self.config, self.topology, order, policies, self.allocations)
-        allocations = {k: d.allocation for k, d in decisions.items() if d.allocation is not None}
-        if allocations != self.allocations or save:
-            for k, a in allocations.items():
-                if self.allocations.get(k) != a:
-                    log.info("pid %s gets pool %s CPUs %s", vm_pid(k), a.pool, a.cpus)
-            self.allocations = allocations
-            self._save([(vm, p.name, allocations[vm.key])
-                        for vm, p in zip(order, policies, strict=True) if p is not None and vm.key in allocations])
-        return decisions
-
-    def _save(self, holders: list[tuple[VM, str, Allocation]]) -> None:
-        if not self.dry_run:
-            save_holders(self.store, holders)
-
     def _apply_vm(self, vm: VM, decision: PoolDecision) -> list[PinResult]:
         prev = self.vms.get(vm.pid)
         if prev is not None and prev.vm.key != vm.key:
@@ -334,7 +328,7 @@ class Reconciler:
         if vp.reason and (prev is None or prev.plan is None or prev.plan.status != vp.status):
             log.warning("VM %s %s: %s", vm.display_name, vp.status, vp.reason, extra=_fields(vm, vp.policy))
         for problem in vp.problems:
-            self._say_once(st, 0, problem, "VM %s: %s", vm.display_name, problem, extra=_fields(vm, vp.policy))
+            _say_once(st, 0, problem, "VM %s: %s", vm.display_name, problem, extra=_fields(vm, vp.policy))
         results = []
         for a in vp.assignments:
             before = prev.wanted.get(a.tid) if prev else None
@@ -382,12 +376,7 @@ class Reconciler:
         a = Assignment(pid=st.vm.pid, tid=tid, label=t.label, role=t.role, cpus=usable, rule=rule[0])
         r = self._pin(st, a, event_ns)
         if event_ns and r.outcome is Outcome.PINNED:
-            self.stats.latency_hist.observe(self._since(event_ns))
-
-    @staticmethod
-    def _since(event_ns: int) -> float:
-        # the connector's timestamp is ktime_get_ns(): CLOCK_MONOTONIC
-        return (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - event_ns) / 1e9
+            self.stats.latency_hist.observe(_since(event_ns))
 
     def _pin(self, st: VMState, a: Assignment, event_ns: int = 0) -> PinResult:
         r = pin_one(a, self.actuator, self.dry_run)
@@ -395,13 +384,13 @@ class Reconciler:
         self.changed = True
         vm, policy = st.vm, st.policy.name if st.policy else None
         if r.outcome is Outcome.PINNED:
-            after = f" ({self._since(event_ns) * 1e6:.0f} us after the event)" if event_ns else ""
+            after = f" ({_since(event_ns) * 1e6:.0f} us after the event)" if event_ns else ""
             log.info("pinned VM %s tid %d (%s) to %s by %s%s", vm.display_name, a.tid, a.label, a.cpus, a.rule,
                      after, extra=_fields(vm, policy, a))
         elif r.outcome is Outcome.VANISHED:
             self.stats.vanished += 1
         elif not r.outcome.ok:
-            self._say_once(st, a.tid, r.outcome.value, "cannot pin VM %s tid %d (%s) to %s: %s %s",
+            _say_once(st, a.tid, r.outcome.value, "cannot pin VM %s tid %d (%s) to %s: %s %s",
                            vm.display_name, a.tid, a.label, a.cpus, r.outcome, r.detail,
                            extra=_fields(vm, policy, a))
         st.results[a.tid] = r
@@ -412,10 +401,3 @@ class Reconciler:
         elif r.outcome is not Outcome.VANISHED:
             st.failed[a.tid] = r
         return r
-
-    @staticmethod
-    def _say_once(st: VMState, tid: int, reason: str, msg: str, *args: object, extra: dict[str, Any]) -> None:
-        """A failure is a warning the first time for (thread, reason), then debug."""
-        level = logging.DEBUG if (tid, reason) in st.said else logging.WARNING
-        st.said.add((tid, reason))
-        log.log(level, msg, *args, extra=extra)
