@@ -17,7 +17,7 @@ from .engine import load_priors, reconcile
 from .pinning import OsAffinity, Outcome
 from .placement import PoolDecision, VMPlan, arrival_order, assign, plan, vcpu_count
 from .pools import free_cpus
-from .policy import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .procfs import Procfs
 from .topology import format_parse, format_summary, read_topology
 

@@ -22,7 +22,7 @@ from .discovery import VM, Role, classify_new_thread, scan, verify_executable
 from .engine import load_priors, save_state
 from .pinning import AffinityOps, OsAffinity, Outcome, PinResult, pin_one
 from .placement import Assignment, PoolDecision, VMPlan, arrival_order, assign, decide_pools, plan_vm
-from .policy import Config, ConfigError, Policy, load_config
+from .config import Config, ConfigError, Policy, load_config
 from .procfs import Procfs, Vanished
 from .sdnotify import Notifier
 from .snapshot import (DURATION_BUCKETS, LATENCY_BUCKETS, Histogram, PoolView, Snapshot, ThreadView,

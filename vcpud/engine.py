@@ -18,7 +18,7 @@ from .pools import Allocation
 from .procfs import Procfs
 
 if TYPE_CHECKING:
-    from .policy import Config
+    from .config import Config
     from .topology import Topology
 
 log = logging.getLogger(__name__)

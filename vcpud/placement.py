@@ -11,7 +11,7 @@ from .discovery import VM, Role, Thread
 from .pools import Allocation, Failure, Request, allocate
 
 if TYPE_CHECKING:
-    from .policy import Config, Policy
+    from .config import Config, Policy
     from .topology import Topology
 
 log = logging.getLogger(__name__)

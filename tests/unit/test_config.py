@@ -1,4 +1,4 @@
-"""Tests for vcpud.policy: config parsing, error positions, matching and precedence."""
+"""Tests for vcpud.config: config parsing, error positions, matching and precedence."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from vcpud.discovery import Role, Thread
 from vcpud.placement import rule_for
 from vcpud.cpuset import CpuSet
 from vcpud.pools import CACHE_MODES, NUMA_MODES, SMT_MODES, PlacementRule, PoolSpec
-from vcpud.policy import (
+from vcpud.config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_EXECUTABLES,
     DEFAULT_METRICS_LISTEN,
@@ -1093,7 +1093,8 @@ def test_pool_rule_errors_are_all_reported():
     [('"127.0.0.1:9474"', "127.0.0.1:9474"), ("0.0.0.0:80", "0.0.0.0:80"), ('"[::]:9474"', "[::]:9474"),
      ('"[fe80::1%eth0]:1"', "[fe80::1%eth0]:1"), ("localhost:65535", "localhost:65535"),
      ("metrics.example.org:9474", "metrics.example.org:9474"), ("off", "off"), ('"off"', "off"), ("Off", "off"),
-     ("false", "off"), ("no", "off")],
+     ("false", "off"), ("no", "off"), ('"127.0.0.1:0"', "127.0.0.1:0"), ('"[::]:0"', "[::]:0"),
+     ('" 0.0.0.0:080 "', "0.0.0.0:80"), ('"[FE80::1]:9474"', "[FE80::1]:9474")],
 )
 def test_metrics_listen(value, listen):
     assert parse(f"metrics:\n  listen: {value}\n").metrics_listen == listen
@@ -1103,8 +1104,9 @@ def test_metrics_listen(value, listen):
     "value, fragment",
     [('"9474"', "expected HOST:PORT"), ('"::1:9474"', "write an IPv6 address in brackets"),
      ('"[::1]"', "expected [IPV6]:PORT"), ('"[::1:9474"', "missing ']'"), ('"[1.2.3.4]:80"', "is not an IPv6 address"),
-     ('"127.0.0.1:0"', "port '0' must be a number from 1 to 65535"), ('"127.0.0.1:65536"', "from 1 to 65535"),
-     ('"127.0.0.1:"', "port ''"), ('"127.0.0.1:http"', "port 'http'"), ('":9474"', "the host is missing"),
+     ('"127.0.0.1:65536"', "port '65536' must be a number from 0 to 65535"),
+     ('"127.0.0.1:"', "port ''"), ('"127.0.0.1:http"', "port 'http'"),
+     ('":9474"', "the host is missing: write 0.0.0.0:9474 (every IPv4 interface) or [::]:9474 (every interface)"),
      ('"1.2.3.256:80"', "'1.2.3.256' is not an IPv4 address"), ('"bad_host:80"', "is not a host name or IP address"),
      ("1:30", "'1' is not an IPv4 address")],
 )
