@@ -257,7 +257,9 @@ VARIANTS = [
 
 STATS = {"steps": 0, "allocated": 0, "failed": 0, "moved": 0}  # what the property test exercised
 
-ARRIVE = st.tuples(st.just("arrive"), st.integers(1, 12), st.integers(0, len(VARIANTS) - 1), st.booleans(), st.booleans())
+ARRIVE = st.tuples(
+    st.just("arrive"), st.integers(1, 12), st.integers(0, len(VARIANTS) - 1), st.booleans(), st.booleans()
+)
 EVENT = st.one_of(
     ARRIVE, ARRIVE, ARRIVE,  # arrivals outnumber the rest, so pools do fill up
     st.tuples(st.just("depart"), st.integers(0, 10**6)),
@@ -389,7 +391,9 @@ def test_mirror_maps_guest_cores_onto_host_cores():
     a, f = allocate(topo, P("1-3,5-7"), [R("a", 4, "mirror", t=2)])
     assert not f
     assert a["a"].vcpus == (1, 5, 2, 6)
-    assert a["a"].reasons[1].startswith("pool dedicated, smt mirror: guest core 0 thread 1 -> CPU 5 of host core 1 (CPUs 1,5), node 0, L3 #0")
+    assert a["a"].reasons[1].startswith(
+        "pool dedicated, smt mirror: guest core 0 thread 1 -> CPU 5 of host core 1 (CPUs 1,5), node 0, L3 #0"
+    )
 
 
 def test_mirror_threads_one_gives_distinct_cores():

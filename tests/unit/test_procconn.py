@@ -110,7 +110,7 @@ def patched(msg: bytes, at: int, fmt: str, *values: int | bytes) -> bytes:
 
 
 # --- parse ------------------------------------------------------------------------------
-@pytest.mark.parametrize("msg, event", list(zip(CAPTURED[1:], EXPECTED)), ids=[e.what for e in EXPECTED])
+@pytest.mark.parametrize("msg, event", list(zip(CAPTURED[1:], EXPECTED, strict=True)), ids=[e.what for e in EXPECTED])
 def test_each_captured_message(msg, event):
     assert parse(msg) == [event]
 
@@ -145,7 +145,8 @@ def test_other_connector_users_are_ignored():
     "code", [0x100, 0x40000000, 0x400, 0x20000000], ids=["ptrace", "coredump", "unknown", "nonzero-exit"]
 )
 def test_other_event_codes_give_pid_and_tgid(code):
-    assert parse(patched(SH_EXEC, WHAT_AT, "=I", code)) == [ProcEvent("other", 22886, 22886, timestamp_ns=1305989399404)]
+    want = [ProcEvent("other", 22886, 22886, timestamp_ns=1305989399404)]
+    assert parse(patched(SH_EXEC, WHAT_AT, "=I", code)) == want
 
 
 def test_comm_is_nul_stripped_and_never_fails_to_decode():
