@@ -11,7 +11,7 @@ from typing import Any
 from ..cpuset import CpuSet
 from .fields import Ctx
 from .issues import Batch, ConfigError, ConfigIssue, Invalid, Position
-from .model import Config
+from .model import Config, Policy
 from .schema import parse_file
 from .sources import read_includes, read_main
 
@@ -48,7 +48,7 @@ def parse_config_text(
     except ValueError:  # a NUL in a made-up name; nothing on disk to skip
         pass
     top: dict[str, Any] = {}
-    found: list[Any] = []
+    found: list[Policy] = []
     try:
         files.append(filename)
         top = parse_file(ctx, text, filename, False, batch)

@@ -6,6 +6,27 @@ exclusive: BOOL}``; pools must not overlap. A policy's ``vcpus: {pool: P, smt, n
 rules that depend on each other are checked in :func:`check_pool_rules`.
 """
 
+# Decisions about pools, in one place:
+#
+# * Pools must not overlap; CPUs in no pool are fine (host housekeeping). `leave` and
+#   `fail` are not pool names (see on_exhausted). An empty `pools:` holds none.
+# * `vcpus: {pool: P, smt: S, numa: N, cache: C}`: with an exclusive pool each vCPU gets a
+#   dedicated CPU of P (Policy.vcpus_rule; Policy.vcpus is None); smt/numa/cache pick which
+#   (pools.SMT_MODES etc., default "any"). With a non-exclusive pool the vCPUs float over all
+#   of P's CPUs, exactly as if its CPU list were written out (Policy.vcpus; vcpus_rule is
+#   None), and smt/numa/cache are errors. `vcpupin` together with an exclusive `vcpus` pool
+#   is an error (which vCPU gets which dedicated CPU would be ambiguous); with a CPU list or
+#   a non-exclusive pool, vcpupin wins for its indices.
+# * `emulatorpin: {pool: P}` floats the emulator threads over a non-exclusive pool
+#   (Policy.emulatorpin = its CPUs, Policy.emulator_pool = P); `{isolate: true}` asks for one
+#   more dedicated CPU from the exclusive vcpus pool (Policy.emulator_isolate);
+#   `{isolate: false}` or `{}` is no rule.
+# * `on_exhausted` (only with an exclusive vcpus pool) says what a VM does while its pool
+#   has too few free CPUs: `leave` (the default: unpinned until CPUs free up), `fail`
+#   (reported as a failure, also retried) or the name of a non-exclusive pool to float over.
+# * A pool with any error is entered in Ctx.pools as None: policies naming it are not told
+#   again that something is wrong with it.
+
 from __future__ import annotations
 
 from collections.abc import Mapping
