@@ -128,3 +128,23 @@ def test_unreadable_sysroot_is_an_error_not_a_traceback(command, tmp_path):
     p = run_vcpud(command, "--sysroot", str(tmp_path / "nope"), "--config", str(repo / "config" / "vcpud.yaml"))
     assert p.returncode != 0
     assert "Traceback" not in p.stderr and "nope" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (":9474", "the host is missing: write 0.0.0.0:9474 (every IPv4 interface) or [::]:9474 (every interface)"),
+    ("9474", "expected HOST:PORT"),
+    ("127.0.0.1:65536", "port '65536' must be a number from 0 to 65535"),
+])
+def test_run_refuses_a_bad_metrics_listen_before_starting(value, fragment):
+    p = run_vcpud("run", "--metrics-listen", value, "--config", "/nonexistent/vcpud.yaml")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert f"argument --metrics-listen: bad listen address {value!r}: {fragment}" in p.stderr
+
+
+@pytest.mark.parametrize("value, want", [
+    ("127.0.0.1:0", "127.0.0.1:0"), (" [::]:9474 ", "[::]:9474"), ("OFF", "off"), ("0.0.0.0:09474", "0.0.0.0:9474"),
+])
+def test_run_metrics_listen_takes_the_config_grammar(value, want):
+    from vcpud.cli import build_parser
+
+    assert build_parser().parse_args(["run", "--metrics-listen", value]).metrics_listen == want

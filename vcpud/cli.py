@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, ListenAddressError, load_config, parse_listen
 from .cpuset import CpuSet
 from .discovery import VM, Role, Scan, Smp, Thread, scan
 from .engine import reconcile
@@ -18,7 +19,6 @@ from .holdings import FileStore, load_priors
 from .pinning import OsAffinity, Outcome, PinResult
 from .placement import PoolDecision, VMPlan, arrival_order, assign, plan, vcpu_count
 from .pools import free_cpus
-from .policy import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .procfs import Procfs
 from .topology import Topology, format_parse, format_summary, read_topology
 
@@ -334,6 +334,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # --- main ---------------------------------------------------------------------------
+def _listen_arg(text: str) -> str:
+    """--metrics-listen: the config's listen grammar; "off" or the address written out."""
+    try:
+        return str(parse_listen(text))
+    except ListenAddressError as e:
+        raise argparse.ArgumentTypeError(f"bad listen address {text!r}: {e}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vcpud", description="CPU placement for QEMU/KVM guests.")
     ap.add_argument("--version", action="version", version=f"vcpud {__version__}")
@@ -374,8 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the service: watch VMs and keep them pinned (foreground)")
     common(p)
-    p.add_argument("--metrics-listen", metavar="HOST:PORT",
-                   help="serve Prometheus metrics there ('off' disables; default from config, 127.0.0.1:9474)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT", type=_listen_arg,
+                   help="serve Prometheus metrics there: HOST:PORT, [IPV6]:PORT (0.0.0.0:PORT or [::]:PORT for "
+                        "every interface) or off; default from config, 127.0.0.1:9474")
     p.add_argument("--no-udev", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-connector", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)

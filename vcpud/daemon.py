@@ -18,9 +18,9 @@ from typing import Any, Callable
 
 from .activity import Stats
 from .cpuset import CpuSet
+from .config import Config, ConfigError, load_config
 from .holdings import FileStore
 from .pinning import AffinityOps, OsAffinity
-from .policy import Config, ConfigError, load_config
 from .procfs import Procfs
 from .publisher import ConfigInfo, snapshot, status_line
 from .reconciler import Reconciler, ScanReason

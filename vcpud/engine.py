@@ -14,7 +14,7 @@ from .procfs import Procfs
 from .reconciler import Reconciler, ScanReason
 
 if TYPE_CHECKING:
-    from .policy import Config
+    from .config import Config
     from .topology import Topology
 
 

@@ -17,7 +17,7 @@ from .placement import PoolDecision, adopt, arrival_order, decide_pools
 from .pools import Allocation
 
 if TYPE_CHECKING:
-    from .policy import Config
+    from .config import Config
     from .topology import Topology
 
 log = logging.getLogger(__name__)

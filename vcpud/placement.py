@@ -12,7 +12,7 @@ from .pools import Allocation, Failure, Request, allocate
 from .vocab import VMStatus
 
 if TYPE_CHECKING:
-    from .policy import Config, Policy
+    from .config import Config, Policy
     from .topology import Topology
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from .procfs import Procfs, Vanished
 from .vocab import VMStatus
 
 if TYPE_CHECKING:
-    from .policy import Config, Policy
+    from .config import Config, Policy
     from .topology import Topology
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from tests.qemu import start_guest
 from vcpud.discovery import scan
 from vcpud.engine import reconcile
 from vcpud.pinning import OsAffinity
-from vcpud.policy import parse_config_text
+from vcpud.config import parse_config_text
 from vcpud.procfs import Procfs
 from vcpud.topology import read_topology
 

@@ -17,7 +17,7 @@ from vcpud.cpuset import CpuSet
 from vcpud.discovery import scan
 from vcpud.engine import reconcile
 from vcpud.pinning import OsAffinity, Outcome
-from vcpud.policy import load_config
+from vcpud.config import load_config
 from vcpud.procfs import Procfs
 
 pytestmark = pytest.mark.qemu

@@ -471,18 +471,25 @@ def test_bind_errors_are_oserrors():
 
 @pytest.mark.parametrize("spec,want", [
     ("127.0.0.1:9474", ("127.0.0.1", 9474)), ("[::1]:9474", ("::1", 9474)), ("[::]:0", ("::", 0)),
-    (":9474", ("0.0.0.0", 9474)), ("localhost:1", ("localhost", 1)), (" 0.0.0.0:65535 ", ("0.0.0.0", 65535)),
+    ("0.0.0.0:9474", ("0.0.0.0", 9474)), ("localhost:1", ("localhost", 1)), (" 0.0.0.0:65535 ", ("0.0.0.0", 65535)),
+    ("127.0.0.1:0", ("127.0.0.1", 0)), ("[fe80::1%lo]:9474", ("fe80::1%lo", 9474)),
 ])
 def test_parse_listen(spec, want):
     assert parse_listen(spec) == want
 
 
 @pytest.mark.parametrize("spec", ["9474", "127.0.0.1", "::1:9474", "[::1]9474", "[nope]:1", "h:65536", "h:-1",
-                                  "h:x", "h:", "[::1]:", "h:１２"])
+                                  "h:x", "h:", "[::1]:", "h:１２", ":9474", ":0", "off", "bad_host:1", "1.2.3.256:1"])
 def test_parse_listen_rejects(spec):
     with pytest.raises(ListenError) as e:
         parse_listen(spec)
     assert isinstance(e.value, OSError) and isinstance(e.value, ValueError)
+
+
+def test_parse_listen_wants_an_explicit_host_to_listen_everywhere():
+    # `:PORT` used to bind every IPv4 interface; binding beyond loopback is written out now.
+    with pytest.raises(ListenError, match=r"the host is missing: write 0\.0\.0\.0:9474 .* or \[::\]:9474"):
+        parse_listen(":9474")
 
 
 def test_setup_script_installs_promtool():

@@ -1,7 +1,7 @@
 from vcpud.cpuset import CpuSet
 from vcpud.discovery import classify
 from vcpud.placement import plan, plan_vm, rule_for
-from vcpud.policy import Config, Match, Policy
+from vcpud.config import Config, Match, Policy
 
 from tests.unit.test_discovery import CORE8, NODBG, NODBG_FDS, NODBG_SYSCALLS
 
@@ -71,7 +71,7 @@ import dataclasses  # noqa: E402
 
 from vcpud.procfs import ProcessSnapshot, ThreadSnapshot  # noqa: E402
 from vcpud.placement import adopt, arrival_order  # noqa: E402
-from vcpud.policy import parse_config_text  # noqa: E402
+from vcpud.config import parse_config_text  # noqa: E402
 from tests.unit.test_pools import synth  # noqa: E402
 
 

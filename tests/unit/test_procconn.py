@@ -145,8 +145,8 @@ def test_other_connector_users_are_ignored():
     "code", [0x100, 0x40000000, 0x400, 0x20000000], ids=["ptrace", "coredump", "unknown", "nonzero-exit"]
 )
 def test_other_event_codes_give_pid_and_tgid(code):
-    want = ProcEvent("other", 22886, 22886, timestamp_ns=1305989399404)
-    assert parse(patched(SH_EXEC, WHAT_AT, "=I", code)) == [want]
+    want = [ProcEvent("other", 22886, 22886, timestamp_ns=1305989399404)]
+    assert parse(patched(SH_EXEC, WHAT_AT, "=I", code)) == want
 
 
 def test_comm_is_nul_stripped_and_never_fails_to_decode():

@@ -21,7 +21,7 @@ from vcpud.cpuset import CpuSet
 from vcpud.discovery import Role
 from vcpud.engine import reconcile
 from vcpud.pinning import Outcome
-from vcpud.policy import parse_config_text
+from vcpud.config import parse_config_text
 from vcpud.reconciler import FOLLOWUP_DELAYS, UNNAMED_GRACE, Reconciler, ScanReason
 from vcpud.vocab import VMStatus
 

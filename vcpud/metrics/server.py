@@ -10,7 +10,6 @@ service manager and node_exporter report the process; a scrape reports only the 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import selectors
 import socket
@@ -20,6 +19,7 @@ import time
 from typing import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
+from ..config import listen as listen_grammar
 from ..snapshot import Snapshot
 from .textformat import CONTENT_TYPE, exposition
 
@@ -33,27 +33,14 @@ class ListenError(OSError, ValueError):
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    """``"HOST:PORT"``, ``"[V6]:PORT"`` or ``":PORT"`` (all IPv4 interfaces) -> (host, port)."""
-    spec = listen.strip()
-    if spec.startswith("["):
-        host, sep, rest = spec[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ListenError(f"bad listen address {listen!r}: expected [IPV6]:PORT")
-        port_s = rest[1:]
-        try:
-            ipaddress.IPv6Address(host.split("%", 1)[0])
-        except ValueError:
-            raise ListenError(f"bad IPv6 address {host!r} in {listen!r}") from None
-    else:
-        host, sep, port_s = spec.rpartition(":")
-        if not sep:
-            raise ListenError(f"bad listen address {listen!r}: expected HOST:PORT")
-        if ":" in host:
-            raise ListenError(f"bad listen address {listen!r}: put an IPv6 address in brackets, [::1]:PORT")
-        host = host or "0.0.0.0"
-    if not (port_s.isascii() and port_s.isdigit()) or not 0 <= int(port_s) <= 65535:
-        raise ListenError(f"bad port {port_s!r} in {listen!r}")
-    return host, int(port_s)
+    """``"HOST:PORT"`` or ``"[V6]:PORT"`` -> (host, port); the grammar is vcpud.config.listen's."""
+    try:
+        address = listen_grammar.parse_listen(listen)
+    except listen_grammar.ListenAddressError as e:
+        raise ListenError(f"bad listen address {listen!r}: {e}") from None
+    if isinstance(address, str):
+        raise ListenError(f"bad listen address {listen!r}: 'off' is no address to serve on")
+    return address.host, address.port
 
 
 class _Handler(WSGIRequestHandler):

@@ -1,4 +1,4 @@
-"""Tests for vcpud.policy: config parsing, error positions, matching and precedence."""
+"""Tests for vcpud.config: config parsing, error positions, matching and precedence."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from vcpud.discovery import Role, Thread
 from vcpud.placement import rule_for
 from vcpud.cpuset import CpuSet
 from vcpud.pools import CACHE_MODES, NUMA_MODES, SMT_MODES, PlacementRule, PoolSpec
-from vcpud.policy import (
+from vcpud.config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_EXECUTABLES,
     DEFAULT_METRICS_LISTEN,
@@ -302,7 +302,8 @@ def test_unknown_keys_at_every_level():
          "duplicate key 'io1' (first at line 4)", "iothreadpin[io1]"),
         ("policies:\n  - name: a\n    match: {}\n    vcpupin:\n      0: 1\n      0: 0\n", "t.yaml:6:7",
          "duplicate key '0' (first at line 5)", "vcpupin[0]"),
-        ("policies:\n  - name: a\n    'name': b\n    match: {}\n", "t.yaml:3:5", "duplicate key 'name' (first at line 2)",
+        ("policies:\n  - name: a\n    'name': b\n    match: {}\n", "t.yaml:3:5",
+         "duplicate key 'name' (first at line 2)",
          "name"),
     ],
 )
@@ -329,11 +330,15 @@ def test_non_scalar_key():
         ("policies: web\n", "t.yaml:1:11", "policies", ["'policies' must be a list of mappings, got a string"]),
         ("policies: {name: a}\n", "t.yaml:1:11", "policies", ["must be a list of mappings, got a mapping"]),
         ("policies:\n  - web\n", "t.yaml:2:5", "policies", ["policy #1 in 'policies' must be a mapping, got a string"]),
-        ("policies:\n  - name: a\n    match: [x]\n", "t.yaml:3:12", "match", ["'match' in policy 'a' must be a mapping", "got a list"]),
-        ("policies:\n  - name: a\n    match:\n", "t.yaml:3:11", "match", ["use {} to match every VM", "got an empty value"]),
-        ("policies:\n  - name: yes\n    match: {}\n", "t.yaml:2:11", "name", ["'name' in policy #1 must be a name", "a boolean ('yes'"]),
+        ("policies:\n  - name: a\n    match: [x]\n", "t.yaml:3:12", "match",
+         ["'match' in policy 'a' must be a mapping", "got a list"]),
+        ("policies:\n  - name: a\n    match:\n", "t.yaml:3:11", "match",
+         ["use {} to match every VM", "got an empty value"]),
+        ("policies:\n  - name: yes\n    match: {}\n", "t.yaml:2:11", "name",
+         ["'name' in policy #1 must be a name", "a boolean ('yes'"]),
         ("policies:\n  - name: [a]\n    match: {}\n", "t.yaml:2:11", "name", ["must be a name", "got a list"]),
-        (policy("emulatorpin: on\n"), "t.yaml:4:18", "emulatorpin", ["'emulatorpin' in policy 'p' must be a CPU list", "a boolean ('on'", "quote it"]),
+        (policy("emulatorpin: on\n"), "t.yaml:4:18", "emulatorpin",
+         ["'emulatorpin' in policy 'p' must be a CPU list", "a boolean ('on'", "quote it"]),
         (policy("affinity:\n"), "t.yaml:4:14", "affinity", ["must be a CPU list", "got an empty value"]),
         (policy("vcpus: [0, 1]\n"), "t.yaml:4:12", "vcpus", ["must be a CPU list", "got a list"]),
         (policy("vcpupin: [0, 1]\n"), "t.yaml:4:14", "vcpupin", ["must be a mapping of vCPU index to CPU list"]),
@@ -341,7 +346,8 @@ def test_non_scalar_key():
         (policy("vcpupin: {on: 0}\n"), "t.yaml:4:15", "vcpupin", ["keys must be vCPU indexes", "a boolean ('on'"]),
         (policy("vcpupin: {0x1: 0}\n"), "t.yaml:4:15", "vcpupin", ["keys must be vCPU indexes", "'0x1'"]),
         (policy("vcpupin: {1.5: 0}\n"), "t.yaml:4:15", "vcpupin", ["keys must be vCPU indexes", "a number ('1.5')"]),
-        (policy("iothreadpin: [1]\n"), "t.yaml:4:18", "iothreadpin", ["or a mapping of IO thread id to CPU list", "got a list"]),
+        (policy("iothreadpin: [1]\n"), "t.yaml:4:18", "iothreadpin",
+         ["or a mapping of IO thread id to CPU list", "got a list"]),
         (policy("iothreadpin: {1io: 1}\n"), "t.yaml:4:19", "iothreadpin", ["bad IO thread id '1io'"]),
         (policy("match: {}\n"), "t.yaml:4:5", "match", ["duplicate key 'match' (first at line 3)"]),
         ("executables: [qemu]\n", "t.yaml:1:15", "executables", ["'qemu' in 'executables' must be an absolute path"]),
@@ -423,7 +429,8 @@ def test_bad_policy_names():
 @pytest.mark.parametrize(
     "match, col, key, fragment",
     [
-        ("{cmdline: '(qemu'}", 22, "match.cmdline", "invalid regex '(qemu' for 'match.cmdline' in policy 'p': missing )"),
+        ("{cmdline: '(qemu'}", 22, "match.cmdline",
+         "invalid regex '(qemu' for 'match.cmdline' in policy 'p': missing )"),
         ("{vcpus: 5-2}", 20, "match.vcpus", "bad vCPU count range '5-2' for 'match.vcpus'"),
         ("{vcpus: four}", 20, "match.vcpus", "bad vCPU count 'four'"),
         ("{vcpus: 0}", 20, "match.vcpus", "at least 1 vCPU"),
@@ -634,7 +641,9 @@ def test_nul_in_paths_is_a_config_error(tmp_path):
     main = write(tmp_path / "vcpud.yaml", 'include: "a\\0*.yaml"\nexecutables: ["/usr/bin/q\\0"]\n')
     with pytest.raises(ConfigError) as ei:
         load_config(main)
-    assert [(str(i.pos), i.key) for i in ei.value.issues] == [(f"{main}:1:10", "include"), (f"{main}:2:15", "executables")]
+    assert [(str(i.pos), i.key) for i in ei.value.issues] == [
+        (f"{main}:1:10", "include"), (f"{main}:2:15", "executables")
+    ]
     assert "NUL character" in ei.value.issues[0].message
     with pytest.raises(ConfigError) as ei:
         load_config(tmp_path / "x\0.yaml")
@@ -958,15 +967,18 @@ def test_pool_cpus_outside_online_and_cpus_in_no_pool():
         ('pools:\n  a: {cpus: "1", exclusive: 1}\n', "t.yaml:2:29", "pools[a].exclusive",
          "'pools[a].exclusive' must be true or false, got an integer ('1')"),
         ('pools:\n  a: {exclusive: true}\n', "t.yaml:2:6", "pools[a].cpus", "missing required key 'cpus' in pool 'a'"),
-        ('pools:\n  "": {cpus: "1"}\n', "t.yaml:2:3", "pools", "pool name '' in 'pools' must be non-empty printable text"),
+        ('pools:\n  "": {cpus: "1"}\n', "t.yaml:2:3", "pools",
+         "pool name '' in 'pools' must be non-empty printable text"),
         ('pools:\n  " ": {cpus: "1"}\n', "t.yaml:2:3", "pools", "pool name ' ' in 'pools' must be non-empty"),
         ('pools:\n  yes: {cpus: "1"}\n', "t.yaml:2:3", "pools", "pool names in 'pools' must be text, got a boolean"),
         ('pools:\n  leave: {cpus: "1"}\n', "t.yaml:2:3", "pools", "'leave' cannot be a pool name"),
         ('pools:\n  fail: {cpus: "1"}\n', "t.yaml:2:3", "pools", "'fail' cannot be a pool name"),
-        ('pools:\n  1: {cpus: "1"}\n  "1": {cpus: "2"}\n', "t.yaml:3:3", "pools", "duplicate pool '1' (first at line 2)"),
+        ('pools:\n  1: {cpus: "1"}\n  "1": {cpus: "2"}\n', "t.yaml:3:3", "pools",
+         "duplicate pool '1' (first at line 2)"),
         ('pools:\n  a: "4-7"\n', "t.yaml:2:6", "pools[a]",
          "pool 'a' must be a mapping like {cpus: \"4-31\", exclusive: true}, got a string ('4-7')"),
-        ("pools: [a, b]\n", "t.yaml:1:8", "pools", "'pools' must be a mapping of pool name to {cpus: LIST, exclusive: BOOL}"),
+        ("pools: [a, b]\n", "t.yaml:1:8", "pools",
+         "'pools' must be a mapping of pool name to {cpus: LIST, exclusive: BOOL}"),
     ],
 )
 def test_bad_pools(text, where, key, message):
@@ -1043,7 +1055,8 @@ def test_every_overlap_is_reported_even_in_otherwise_bad_pools():
         ("vcpus: {pool: dedicated}\nvcpupin: {0: 1}\n", "t.yaml:8:5", "vcpupin",
          "'vcpupin' in policy 'p' cannot be combined with 'vcpus: {pool: dedicated}'"),
         # pool keys written straight into the policy
-        ("smt: mirror\n", "t.yaml:7:5", "smt", "unknown key 'smt' in policy 'p' (it belongs under 'vcpus: {pool: ...}')"),
+        ("smt: mirror\n", "t.yaml:7:5", "smt",
+         "unknown key 'smt' in policy 'p' (it belongs under 'vcpus: {pool: ...}')"),
         ("isolate: true\n", "t.yaml:7:5", "isolate", "(write 'emulatorpin: {isolate: true}')"),
     ],
 )
@@ -1093,7 +1106,8 @@ def test_pool_rule_errors_are_all_reported():
     [('"127.0.0.1:9474"', "127.0.0.1:9474"), ("0.0.0.0:80", "0.0.0.0:80"), ('"[::]:9474"', "[::]:9474"),
      ('"[fe80::1%eth0]:1"', "[fe80::1%eth0]:1"), ("localhost:65535", "localhost:65535"),
      ("metrics.example.org:9474", "metrics.example.org:9474"), ("off", "off"), ('"off"', "off"), ("Off", "off"),
-     ("false", "off"), ("no", "off")],
+     ("false", "off"), ("no", "off"), ('"127.0.0.1:0"', "127.0.0.1:0"), ('"[::]:0"', "[::]:0"),
+     ('" 0.0.0.0:080 "', "0.0.0.0:80"), ('"[FE80::1]:9474"', "[FE80::1]:9474")],
 )
 def test_metrics_listen(value, listen):
     assert parse(f"metrics:\n  listen: {value}\n").metrics_listen == listen
@@ -1103,8 +1117,9 @@ def test_metrics_listen(value, listen):
     "value, fragment",
     [('"9474"', "expected HOST:PORT"), ('"::1:9474"', "write an IPv6 address in brackets"),
      ('"[::1]"', "expected [IPV6]:PORT"), ('"[::1:9474"', "missing ']'"), ('"[1.2.3.4]:80"', "is not an IPv6 address"),
-     ('"127.0.0.1:0"', "port '0' must be a number from 1 to 65535"), ('"127.0.0.1:65536"', "from 1 to 65535"),
-     ('"127.0.0.1:"', "port ''"), ('"127.0.0.1:http"', "port 'http'"), ('":9474"', "the host is missing"),
+     ('"127.0.0.1:65536"', "port '65536' must be a number from 0 to 65535"),
+     ('"127.0.0.1:"', "port ''"), ('"127.0.0.1:http"', "port 'http'"),
+     ('":9474"', "the host is missing: write 0.0.0.0:9474 (every IPv4 interface) or [::]:9474 (every interface)"),
      ('"1.2.3.256:80"', "'1.2.3.256' is not an IPv4 address"), ('"bad_host:80"', "is not a host name or IP address"),
      ("1:30", "'1' is not an IPv4 address")],
 )
@@ -1124,10 +1139,12 @@ def test_bad_metrics_listen(value, fragment):
         ("metrics:\n  lisen: off\n", "t.yaml:2:3", "metrics.lisen",
          "unknown key 'lisen' in 'metrics' (did you mean 'listen'?)"),
         ("listen: off\n", "t.yaml:1:1", "listen", "unknown key 'listen' at top level (it belongs under 'metrics')"),
-        ("state_file: state.json\n", "t.yaml:1:13", "state_file", "'state_file' must be an absolute path, got 'state.json'"),
+        ("state_file: state.json\n", "t.yaml:1:13", "state_file",
+         "'state_file' must be an absolute path, got 'state.json'"),
         ("state_file: /var/lib/vcpud/\n", "t.yaml:1:13", "state_file", "must name a file, not a directory"),
         ('state_file: "/var/\\0x"\n', "t.yaml:1:13", "state_file", "contains a NUL character"),
-        ("state_file:\n", "t.yaml:1:12", "state_file", "'state_file' must be an absolute file path, got an empty value"),
+        ("state_file:\n", "t.yaml:1:12", "state_file",
+         "'state_file' must be an absolute file path, got an empty value"),
         ("state_file: [/a]\n", "t.yaml:1:13", "state_file", "got a list"),
     ],
 )
@@ -1152,7 +1169,9 @@ def test_pools_metrics_state_file_only_in_the_main_file(tmp_path):
     ]
     assert found[0].message == "'pools' is only allowed in the main config file, not in an included one"
     # Included policies name the main file's pools.
-    write(tmp_path / "p.yaml", "policies:\n  - {name: inc, match: {}, vcpus: {pool: dedicated}, on_exhausted: shared}\n")
+    write(
+        tmp_path / "p.yaml", "policies:\n  - {name: inc, match: {}, vcpus: {pool: dedicated}, on_exhausted: shared}\n"
+    )
     (inc,) = load_config(main).policies
     assert inc.vcpus_rule == PlacementRule("dedicated") and inc.on_exhausted == "shared"
 
@@ -1177,7 +1196,9 @@ def test_example_config_commented_blocks_load():
         text = uncomment(text, first)
     cfg = parse_config_text(text, "example.yaml")
     assert cfg.metrics_listen == DEFAULT_METRICS_LISTEN and cfg.state_file == DEFAULT_STATE_FILE
-    assert cfg.pools == {"dedicated": PoolSpec("dedicated", cpus("4-31"), True), "shared": PoolSpec("shared", cpus("2-3"))}
+    assert cfg.pools == {
+        "dedicated": PoolSpec("dedicated", cpus("4-31"), True), "shared": PoolSpec("shared", cpus("2-3"))
+    }
     db = next(p for p in cfg.policies if p.name == "db-dedicated")
     assert db.vcpus_rule == PlacementRule("dedicated", "mirror", "single", "l3")
     assert db.emulator_pool == "shared" and db.on_exhausted == "shared"
