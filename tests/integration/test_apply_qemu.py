@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -39,10 +41,14 @@ policies:
     match: {name: nodbg}
     vcpupin: {0: "1", 1: "0"}
     emulatorpin: "0"
-  - name: catch-all          # anything else vcpud takes for a VM would be pinned to CPU 1
-    match: {}
+  - name: catch-all          # a look-alike vcpud took for a VM would be pinned to CPU 1
+    match: {cmdline: 'MARK_RE'}
     affinity: "1"
 """
+# The look-alikes' last argument (a duration sleep accepts): the catch-all policy matches it and nothing
+# else, so that `vcpud apply` leaves alone the other guests this host may run.
+MARK = f"1000.{os.getpid()}"
+POLICY = POLICY.replace("MARK_RE", f" {re.escape(MARK)}$")
 
 
 def need_host():
@@ -76,21 +82,21 @@ def lookalikes(tmp_path_factory):
     shutil.copy("/bin/sleep", fake)
     procs = [
         # another binary with qemu's file name
-        subprocess.Popen([str(fake), "1000"]),
+        subprocess.Popen([str(fake), MARK]),
         # a script whose argv[0] claims to be qemu, with a -name that would match a policy
         subprocess.Popen(["bash", "-c", "exec -a qemu-system-x86_64 python3 -c 'import time; time.sleep(1000)' "
-                          "-name guest=web9 -smp 2"]),
+                          f"-name guest=web9 -smp 2 {MARK}"]),
     ]
     # the real path, but another file: a bind mount in a private mount namespace
     procs.append(subprocess.Popen(
         ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         f"mount --bind {fake} {QEMU} && exec {QEMU} 1000"]))
+         f"mount --bind {fake} {QEMU} && exec {QEMU} {MARK}"]))
     # the same, but the fake binary deleted afterwards: /proc/PID/exe says "(deleted)"
     gone = tmp / "gone"
     shutil.copy("/bin/sleep", gone)
     procs.append(subprocess.Popen(
         ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         f"mount --bind {gone} {QEMU} && exec {QEMU} 1000"]))
+         f"mount --bind {gone} {QEMU} && exec {QEMU} {MARK}"]))
     try:
         time.sleep(0.5)
         gone.unlink()
@@ -149,8 +155,8 @@ def test_apply_pins_every_thread_as_the_policy_says(guests, lookalikes, config):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "Traceback" not in p.stderr
     lines = p.stdout.splitlines()
-    assert any(l.startswith("core8 (pid") for l in lines), p.stdout
-    assert any(l.startswith("nodbg (pid") for l in lines), p.stdout
+    assert any(l.startswith(f"core8 (pid {core8.pid})") for l in lines), p.stdout
+    assert any(l.startswith(f"nodbg (pid {nodbg.pid})") for l in lines), p.stdout
 
     want_core8 = {"CPU 0/KVM": "0", "CPU 1/KVM": "1", "CPU 2/KVM": "0", "CPU 3/KVM": "1",
                   "IO io1": "0", "IO io2": "0"}
@@ -183,6 +189,8 @@ def test_apply_pins_every_thread_as_the_policy_says(guests, lookalikes, config):
     assert nodbg.affinity(nx[0]) == ONLINE.format()  # reported, never pinned
 
     # look-alikes: untouched (the catch-all policy would have moved them to CPU 1)
+    catch_all = load_config(config, online=ONLINE).policies[-1]
+    assert catch_all.match.matches(SimpleNamespace(name=None, cmdline=(QEMU, MARK))), "catch-all misses look-alikes"
     for pid, status in before_fakes.items():
         now = Path(f"/proc/{pid}/status").read_text()
         assert _line(now, "Cpus_allowed_list") == _line(status, "Cpus_allowed_list") == ONLINE.format()
@@ -190,9 +198,10 @@ def test_apply_pins_every_thread_as_the_policy_says(guests, lookalikes, config):
     # a second run changes nothing and says so
     p2 = run_vcpud("apply", "--config", str(config))
     assert p2.returncode == 0, p2.stdout + p2.stderr
-    for l in p2.stdout.splitlines():
-        if l.startswith(("core8", "web1", "nodbg")):
-            assert " 0 pinned" in l, l
+    mine = [l for l in p2.stdout.splitlines() if l.startswith(tuple(f"{g.name} (pid {g.pid})" for g in guests.values()))]
+    assert len(mine) == 3, p2.stdout
+    for l in mine:
+        assert " 0 pinned" in l, l
 
 
 def _line(status: str, key: str) -> str:
@@ -217,9 +226,11 @@ def test_ps_json_shows_vms_roles_affinities(guests, lookalikes, config):
     p = run_vcpud("ps", "--json", "--config", str(config))
     assert p.returncode == 0, p.stderr
     data = json.loads(p.stdout)
-    by_name = {v["name"]: v for v in data["vms"]}
-    for name in ("core8", "web1", "nodbg"):
-        assert by_name[name]["pid"] == guests[name].pid
+    # by pid: other guests on the host may have the same names
+    by_pid = {v["pid"]: v for v in data["vms"]}
+    by_name = {name: by_pid[g.pid] for name, g in guests.items()}
+    for name, vm in by_name.items():
+        assert vm["name"] == name, vm
     assert set(lookalikes).isdisjoint(v["pid"] for v in data["vms"])
     core8 = by_name["core8"]
     assert core8["policy"] == "core8"
