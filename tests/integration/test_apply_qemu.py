@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.conftest import run_vcpud, skip_or_fail
-from tests.qemu import QEMU, Guest, kvm_usable, start_guest
+from tests.qemu import QEMU, RUN, Guest, kvm_usable, start_guest
 from vcpud.cpuset import CpuSet
 from vcpud.discovery import scan
 from vcpud.engine import reconcile
@@ -29,16 +29,16 @@ ONLINE = CpuSet.of(os.sched_getaffinity(0))
 POLICY = """\
 policies:
   - name: core8
-    match: {name: core8}
+    match: {name: @core8}
     vcpupin: {0: "0", 1: "1", 2: "0"}
     vcpus: "1"
     emulatorpin: "1"
     iothreadpin: "0"
   - name: web
-    match: {name: "web*"}
+    match: {name: "@web*"}
     affinity: "0"
   - name: nodbg
-    match: {name: nodbg}
+    match: {name: @nodbg}
     vcpupin: {0: "1", 1: "0"}
     emulatorpin: "0"
   - name: catch-all          # a look-alike vcpud took for a VM would be pinned to CPU 1
@@ -48,7 +48,7 @@ policies:
 # The look-alikes' last argument (a duration sleep accepts): the catch-all policy matches it and nothing
 # else, so that `vcpud apply` leaves alone the other guests this host may run.
 MARK = f"1000.{os.getpid()}"
-POLICY = POLICY.replace("MARK_RE", f" {re.escape(MARK)}$")
+POLICY = POLICY.replace("MARK_RE", f" {re.escape(MARK)}$").replace("@", RUN)
 
 
 def need_host():
@@ -117,10 +117,10 @@ def guests(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("guests")
     gs = {}
     try:
-        gs["core8"] = start_guest(tmp, "core8", "-object", "iothread,id=io1", "-object", "iothread,id=io2",
+        gs["core8"] = start_guest(tmp, f"{RUN}core8", "-object", "iothread,id=io1", "-object", "iothread,id=io2",
                                   smp="4,sockets=1,cores=2,threads=2")
-        gs["web1"] = start_guest(tmp, "web1", smp="2")
-        gs["nodbg"] = start_guest(tmp, "nodbg", debug_threads=False, paused=False, smp="2")
+        gs["web1"] = start_guest(tmp, f"{RUN}web1", smp="2")
+        gs["nodbg"] = start_guest(tmp, f"{RUN}nodbg", debug_threads=False, paused=False, smp="2")
         if not kvm_usable():
             skip_or_fail("/dev/kvm unusable: a TCG guest has no kvm-vcpu fds, nodbg's vCPUs can't be found")
         wait_nodbg_vcpus(gs["nodbg"], 2)
@@ -155,8 +155,8 @@ def test_apply_pins_every_thread_as_the_policy_says(guests, lookalikes, config):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "Traceback" not in p.stderr
     lines = p.stdout.splitlines()
-    assert any(l.startswith(f"core8 (pid {core8.pid})") for l in lines), p.stdout
-    assert any(l.startswith(f"nodbg (pid {nodbg.pid})") for l in lines), p.stdout
+    assert any(l.startswith(f"{core8.name} (pid {core8.pid})") for l in lines), p.stdout
+    assert any(l.startswith(f"{nodbg.name} (pid {nodbg.pid})") for l in lines), p.stdout
 
     want_core8 = {"CPU 0/KVM": "0", "CPU 1/KVM": "1", "CPU 2/KVM": "0", "CPU 3/KVM": "1",
                   "IO io1": "0", "IO io2": "0"}
@@ -230,7 +230,7 @@ def test_ps_json_shows_vms_roles_affinities(guests, lookalikes, config):
     by_pid = {v["pid"]: v for v in data["vms"]}
     by_name = {name: by_pid[g.pid] for name, g in guests.items()}
     for name, vm in by_name.items():
-        assert vm["name"] == name, vm
+        assert vm["name"] == guests[name].name, vm
     assert set(lookalikes).isdisjoint(v["pid"] for v in data["vms"])
     core8 = by_name["core8"]
     assert core8["policy"] == "core8"
@@ -248,7 +248,7 @@ def test_ps_json_shows_vms_roles_affinities(guests, lookalikes, config):
     table = run_vcpud("ps", "--config", str(config))
     assert table.returncode == 0
     assert all(len(l) <= 80 for l in table.stdout.splitlines()), table.stdout
-    assert "core8" in table.stdout and "vcpu 3" in table.stdout
+    assert guests["core8"].name in table.stdout and "vcpu 3" in table.stdout
     for pid in lookalikes:
         assert f"pid {pid} " not in table.stdout
 
@@ -277,8 +277,8 @@ class KillingOps(OsAffinity):
 
 def test_vm_killed_during_apply_does_not_stop_the_others(tmp_path, config):
     need_host()
-    victim = start_guest(tmp_path, "web-victim", smp="2")
-    other = start_guest(tmp_path, "web-other", smp="2")
+    victim = start_guest(tmp_path, f"{RUN}web-victim", smp="2")
+    other = start_guest(tmp_path, f"{RUN}web-other", smp="2")
     try:
         cfg = load_config(config, online=ONLINE)
         ops = KillingOps(victim)
@@ -297,7 +297,7 @@ def test_vm_killed_during_apply_does_not_stop_the_others(tmp_path, config):
 
 def test_vm_gone_before_apply_scan_is_reported_not_fatal(tmp_path, config):
     need_host()
-    g = start_guest(tmp_path, "web-gone", smp="1")
+    g = start_guest(tmp_path, f"{RUN}web-gone", smp="1")
     g.kill()
     p = run_vcpud("apply", "--config", str(config))
     assert "Traceback" not in p.stderr
@@ -341,7 +341,7 @@ def remove_cgroup(d: Path, tasks: str) -> None:
 
 def test_cpuset_cgroup_excluding_the_cpus_is_reported(tmp_path, config):
     need_host()
-    g = start_guest(tmp_path, "web-caged", smp="1")
+    g = start_guest(tmp_path, f"{RUN}web-caged", smp="1")
     d, tasks = make_cpuset_cgroup(f"vcpud-test-{os.getpid()}", "1")
     try:
         # like libvirt: the guest may only run on CPU 1, and policy "web" wants CPU 0
@@ -352,7 +352,7 @@ def test_cpuset_cgroup_excluding_the_cpus_is_reported(tmp_path, config):
             (d / tasks).write_text(str(g.pid))
         p = run_vcpud("apply", "--config", str(config))
         assert p.returncode == 1, p.stdout + p.stderr
-        mine = [l for l in p.stdout.splitlines() if "web-caged" in l or "outside-cpuset" in l]
+        mine = [l for l in p.stdout.splitlines() if g.name in l or "outside-cpuset" in l]
         assert any("outside-cpuset" in l and d.name in l and "allows 1" in l for l in mine), p.stdout
         assert all(g.affinity(tid) == "1" for tid in g.threads())
     finally:
@@ -370,13 +370,13 @@ def test_vm_whose_binary_was_upgraded_away_is_still_managed(tmp_path):
     shutil.copy(QEMU, exe)
     cfg = tmp_path / "vcpud.yaml"
     cfg.write_text(f"executables: [{bindir}/qemu-system-*]\n" + POLICY)
-    g = start_guest(tmp_path, "web-upgraded", smp="1", exe=str(exe))
+    g = start_guest(tmp_path, f"{RUN}web-upgraded", smp="1", exe=str(exe))
     try:
         exe.unlink()
         assert os.readlink(f"/proc/{g.pid}/exe").endswith(" (deleted)")
         p = run_vcpud("apply", "--config", str(cfg))
         assert p.returncode == 0, p.stdout + p.stderr
-        assert any(l.startswith("web-upgraded (pid") for l in p.stdout.splitlines()), p.stdout
+        assert any(l.startswith(f"{g.name} (pid {g.pid})") for l in p.stdout.splitlines()), p.stdout
         assert all(g.affinity(tid) == "0" for tid, c in g.threads().items() if not c.startswith("kvm-nx"))
     finally:
         g.kill()

@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import run_vcpud, skip_or_fail
 from tests.prometheus import (ALERTS, PROMETHEUS, PrometheusServer, alert_queries, alert_rules, dashboard_queries,
                               free_port, variable_queries)
+from tests.qemu import RUN
 from tests.unit.test_metrics import SCENARIO, Box, samples
 from vcpud.metrics import MetricsServer, render
 
@@ -97,9 +98,9 @@ def test_harness_with_a_standalone_metrics_server(tmp_path):
 
 # --- against `vcpud run` and real guests -----------------------------------------------------
 
-# The host may run other guests (other test runs name theirs web*, core*...): the policies match only
-# this run's two guests, by exact name, so that the per-CPU sums count nothing but them.
-WEB, CORE = f"prom{os.getpid()}-web", f"prom{os.getpid()}-core"
+# The host may run other guests: the policies match only this run's two guests, by exact name, so that
+# the per-CPU sums count nothing but them.
+WEB, CORE = f"{RUN}prom-web", f"{RUN}prom-core"
 POLICY = f"""\
 rescan_interval: 2s
 policies:
