@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -87,6 +88,19 @@ class DaemonProc:
         if not self.log_file.closed:
             self.log_file.flush()
         return self.log_path.read_text()
+
+    def wait_log(self, pattern: str, start: int = 0, count: int = 1, timeout: float = 30.0) -> int:
+        """Wait until regex ``pattern`` matched ``count`` times in the log from character ``start`` on;
+        returns the log's end after the last match (a ``start`` for the next wait)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = list(re.finditer(pattern, self.log()[start:], re.M))
+            if len(found) >= count:
+                return start + found[count - 1].end()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{pattern!r} logged {len(found)} of {count} times in {timeout}s:\n"
+                                     f"{self.log()[start:][-4000:]}")
+            time.sleep(0.02)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

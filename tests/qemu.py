@@ -12,6 +12,11 @@ from pathlib import Path
 
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 
+# Tests give their guests names beginning with RUN, and their policies match only such names: other
+# VMs on the host (another test run's, anyone's) are never managed by this run's daemons or `vcpud apply`,
+# nor this run's guests by theirs.
+RUN = f"t{os.getpid()}-"
+
 
 def kvm_usable() -> bool:
     try:

@@ -6,7 +6,11 @@
    object-add (p50/p99 measured by the daemon from the connector's own timestamps), while other
    guests idle;
 2. qemu start -> all vCPUs pinned, seen from outside by polling /proc;
-3. idle cost: the daemon's CPU time and RSS over a quiet minute with 20 guests.
+3. idle cost: the daemon's CPU time and RSS over a quiet minute with 20 guests;
+4. vCPU hotplug (QMP device_add) -> the new vCPU thread pinned, seen from outside;
+5. watchdog: with WATCHDOG_USEC=200000 (pings due every 100 ms), the gaps between WATCHDOG=1 messages.
+
+tests/integration/test_daemon.py checks the same behaviours with generous deadlines only.
 """
 
 from __future__ import annotations
@@ -126,6 +130,56 @@ def bench_idle(tmp: Path, cfg: Path, seconds: float) -> None:
             g.kill()
 
 
+def bench_hotplug(tmp: Path, cfg: Path, n: int = 3) -> None:
+    d = DaemonProc(tmp, cfg)
+    qmp_path = tmp / "qmp-hot.sock"
+    g = start_guest(tmp, "bench-hot", "-qmp", f"unix:{qmp_path},server=on,wait=off", smp=f"1,maxcpus={n + 1}")
+    qmp = Qmp(qmp_path)
+    took = []
+    try:
+        for i in range(n):
+            free = [c for c in qmp.cmd("query-hotpluggable-cpus") if "qom-path" not in c]
+            slot = sorted(free, key=lambda c: sorted(c["props"].items()))[0]
+            before = set(g.threads())
+            t0 = time.monotonic()
+            qmp.cmd("device_add", driver=slot["type"], id=f"hot{i}", **slot["props"])
+            while time.monotonic() - t0 < 10:
+                new = [t for t, c in g.threads().items() if t not in before and c.startswith("CPU ")]
+                try:
+                    if new and g.affinity(new[0]) == "1":
+                        took.append(time.monotonic() - t0)
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.0002)
+    finally:
+        qmp.close()
+        d.stop()
+        g.kill()
+    print("[hotplug] device_add -> new vCPU pinned: " + ", ".join(f"{t * 1e3:.1f} ms" for t in took)
+          + f" ({len(took)} of {n}; the target is 100 ms)")
+
+
+def bench_watchdog(tmp: Path, cfg: Path, seconds: float = 3.0) -> None:
+    d = DaemonProc(tmp, cfg, env={"WATCHDOG_USEC": "200000"})
+    at, seen = [], 0
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            n = sum(m.get("WATCHDOG") == "1" for m in list(d.notify.messages))
+            at += [time.monotonic()] * (n - seen)
+            seen = n
+            time.sleep(0.001)
+    finally:
+        d.stop()
+    gaps = [b - a for a, b in zip(at, at[1:])]
+    if gaps:
+        print(f"[watchdog] {len(at)} pings in {seconds:.0f}s; gap median {statistics.median(gaps) * 1e3:.0f} ms, "
+              f"max {max(gaps) * 1e3:.0f} ms (WATCHDOG_USEC 200 ms: must stay well under 200)")
+    else:
+        print(f"[watchdog] {len(at)} pings in {seconds:.0f}s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1000)
@@ -138,6 +192,8 @@ def main() -> None:
         cfg.write_text(CONFIG)
         bench_latency(tmp, cfg, args.threads, idle=5)
         bench_start(tmp, cfg, args.starts)
+        bench_hotplug(tmp, cfg)
+        bench_watchdog(tmp, cfg)
         bench_idle(tmp, cfg, args.idle_seconds)
 
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from tests.conftest import run_vcpud, skip_or_fail
-from tests.qemu import QEMU, Guest, kvm_usable, start_guest
+from tests.qemu import QEMU, RUN, Guest, kvm_usable, start_guest
 from vcpud.cpuset import CpuSet
 from vcpud.discovery import scan
 from vcpud.engine import reconcile
@@ -27,22 +29,26 @@ ONLINE = CpuSet.of(os.sched_getaffinity(0))
 POLICY = """\
 policies:
   - name: core8
-    match: {name: core8}
+    match: {name: @core8}
     vcpupin: {0: "0", 1: "1", 2: "0"}
     vcpus: "1"
     emulatorpin: "1"
     iothreadpin: "0"
   - name: web
-    match: {name: "web*"}
+    match: {name: "@web*"}
     affinity: "0"
   - name: nodbg
-    match: {name: nodbg}
+    match: {name: @nodbg}
     vcpupin: {0: "1", 1: "0"}
     emulatorpin: "0"
-  - name: catch-all          # anything else vcpud takes for a VM would be pinned to CPU 1
-    match: {}
+  - name: catch-all          # a look-alike vcpud took for a VM would be pinned to CPU 1
+    match: {cmdline: 'MARK_RE'}
     affinity: "1"
 """
+# The look-alikes' last argument (a duration sleep accepts): the catch-all policy matches it and nothing
+# else, so that `vcpud apply` leaves alone the other guests this host may run.
+MARK = f"1000.{os.getpid()}"
+POLICY = POLICY.replace("MARK_RE", f" {re.escape(MARK)}$").replace("@", RUN)
 
 
 def need_host():
@@ -76,21 +82,21 @@ def lookalikes(tmp_path_factory):
     shutil.copy("/bin/sleep", fake)
     procs = [
         # another binary with qemu's file name
-        subprocess.Popen([str(fake), "1000"]),
+        subprocess.Popen([str(fake), MARK]),
         # a script whose argv[0] claims to be qemu, with a -name that would match a policy
         subprocess.Popen(["bash", "-c", "exec -a qemu-system-x86_64 python3 -c 'import time; time.sleep(1000)' "
-                          "-name guest=web9 -smp 2"]),
+                          f"-name guest=web9 -smp 2 {MARK}"]),
     ]
     # the real path, but another file: a bind mount in a private mount namespace
     procs.append(subprocess.Popen(
         ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         f"mount --bind {fake} {QEMU} && exec {QEMU} 1000"]))
+         f"mount --bind {fake} {QEMU} && exec {QEMU} {MARK}"]))
     # the same, but the fake binary deleted afterwards: /proc/PID/exe says "(deleted)"
     gone = tmp / "gone"
     shutil.copy("/bin/sleep", gone)
     procs.append(subprocess.Popen(
         ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         f"mount --bind {gone} {QEMU} && exec {QEMU} 1000"]))
+         f"mount --bind {gone} {QEMU} && exec {QEMU} {MARK}"]))
     try:
         time.sleep(0.5)
         gone.unlink()
@@ -111,10 +117,10 @@ def guests(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("guests")
     gs = {}
     try:
-        gs["core8"] = start_guest(tmp, "core8", "-object", "iothread,id=io1", "-object", "iothread,id=io2",
+        gs["core8"] = start_guest(tmp, f"{RUN}core8", "-object", "iothread,id=io1", "-object", "iothread,id=io2",
                                   smp="4,sockets=1,cores=2,threads=2")
-        gs["web1"] = start_guest(tmp, "web1", smp="2")
-        gs["nodbg"] = start_guest(tmp, "nodbg", debug_threads=False, paused=False, smp="2")
+        gs["web1"] = start_guest(tmp, f"{RUN}web1", smp="2")
+        gs["nodbg"] = start_guest(tmp, f"{RUN}nodbg", debug_threads=False, paused=False, smp="2")
         if not kvm_usable():
             skip_or_fail("/dev/kvm unusable: a TCG guest has no kvm-vcpu fds, nodbg's vCPUs can't be found")
         wait_nodbg_vcpus(gs["nodbg"], 2)
@@ -149,8 +155,8 @@ def test_apply_pins_every_thread_as_the_policy_says(guests, lookalikes, config):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "Traceback" not in p.stderr
     lines = p.stdout.splitlines()
-    assert any(l.startswith("core8 (pid") for l in lines), p.stdout
-    assert any(l.startswith("nodbg (pid") for l in lines), p.stdout
+    assert any(l.startswith(f"{core8.name} (pid {core8.pid})") for l in lines), p.stdout
+    assert any(l.startswith(f"{nodbg.name} (pid {nodbg.pid})") for l in lines), p.stdout
 
     want_core8 = {"CPU 0/KVM": "0", "CPU 1/KVM": "1", "CPU 2/KVM": "0", "CPU 3/KVM": "1",
                   "IO io1": "0", "IO io2": "0"}
@@ -183,6 +189,8 @@ def test_apply_pins_every_thread_as_the_policy_says(guests, lookalikes, config):
     assert nodbg.affinity(nx[0]) == ONLINE.format()  # reported, never pinned
 
     # look-alikes: untouched (the catch-all policy would have moved them to CPU 1)
+    catch_all = load_config(config, online=ONLINE).policies[-1]
+    assert catch_all.match.matches(SimpleNamespace(name=None, cmdline=(QEMU, MARK))), "catch-all misses look-alikes"
     for pid, status in before_fakes.items():
         now = Path(f"/proc/{pid}/status").read_text()
         assert _line(now, "Cpus_allowed_list") == _line(status, "Cpus_allowed_list") == ONLINE.format()
@@ -190,9 +198,10 @@ def test_apply_pins_every_thread_as_the_policy_says(guests, lookalikes, config):
     # a second run changes nothing and says so
     p2 = run_vcpud("apply", "--config", str(config))
     assert p2.returncode == 0, p2.stdout + p2.stderr
-    for l in p2.stdout.splitlines():
-        if l.startswith(("core8", "web1", "nodbg")):
-            assert " 0 pinned" in l, l
+    mine = [l for l in p2.stdout.splitlines() if l.startswith(tuple(f"{g.name} (pid {g.pid})" for g in guests.values()))]
+    assert len(mine) == 3, p2.stdout
+    for l in mine:
+        assert " 0 pinned" in l, l
 
 
 def _line(status: str, key: str) -> str:
@@ -217,9 +226,11 @@ def test_ps_json_shows_vms_roles_affinities(guests, lookalikes, config):
     p = run_vcpud("ps", "--json", "--config", str(config))
     assert p.returncode == 0, p.stderr
     data = json.loads(p.stdout)
-    by_name = {v["name"]: v for v in data["vms"]}
-    for name in ("core8", "web1", "nodbg"):
-        assert by_name[name]["pid"] == guests[name].pid
+    # by pid: other guests on the host may have the same names
+    by_pid = {v["pid"]: v for v in data["vms"]}
+    by_name = {name: by_pid[g.pid] for name, g in guests.items()}
+    for name, vm in by_name.items():
+        assert vm["name"] == guests[name].name, vm
     assert set(lookalikes).isdisjoint(v["pid"] for v in data["vms"])
     core8 = by_name["core8"]
     assert core8["policy"] == "core8"
@@ -237,7 +248,7 @@ def test_ps_json_shows_vms_roles_affinities(guests, lookalikes, config):
     table = run_vcpud("ps", "--config", str(config))
     assert table.returncode == 0
     assert all(len(l) <= 80 for l in table.stdout.splitlines()), table.stdout
-    assert "core8" in table.stdout and "vcpu 3" in table.stdout
+    assert guests["core8"].name in table.stdout and "vcpu 3" in table.stdout
     for pid in lookalikes:
         assert f"pid {pid} " not in table.stdout
 
@@ -266,8 +277,8 @@ class KillingOps(OsAffinity):
 
 def test_vm_killed_during_apply_does_not_stop_the_others(tmp_path, config):
     need_host()
-    victim = start_guest(tmp_path, "web-victim", smp="2")
-    other = start_guest(tmp_path, "web-other", smp="2")
+    victim = start_guest(tmp_path, f"{RUN}web-victim", smp="2")
+    other = start_guest(tmp_path, f"{RUN}web-other", smp="2")
     try:
         cfg = load_config(config, online=ONLINE)
         ops = KillingOps(victim)
@@ -286,7 +297,7 @@ def test_vm_killed_during_apply_does_not_stop_the_others(tmp_path, config):
 
 def test_vm_gone_before_apply_scan_is_reported_not_fatal(tmp_path, config):
     need_host()
-    g = start_guest(tmp_path, "web-gone", smp="1")
+    g = start_guest(tmp_path, f"{RUN}web-gone", smp="1")
     g.kill()
     p = run_vcpud("apply", "--config", str(config))
     assert "Traceback" not in p.stderr
@@ -330,7 +341,7 @@ def remove_cgroup(d: Path, tasks: str) -> None:
 
 def test_cpuset_cgroup_excluding_the_cpus_is_reported(tmp_path, config):
     need_host()
-    g = start_guest(tmp_path, "web-caged", smp="1")
+    g = start_guest(tmp_path, f"{RUN}web-caged", smp="1")
     d, tasks = make_cpuset_cgroup(f"vcpud-test-{os.getpid()}", "1")
     try:
         # like libvirt: the guest may only run on CPU 1, and policy "web" wants CPU 0
@@ -341,7 +352,7 @@ def test_cpuset_cgroup_excluding_the_cpus_is_reported(tmp_path, config):
             (d / tasks).write_text(str(g.pid))
         p = run_vcpud("apply", "--config", str(config))
         assert p.returncode == 1, p.stdout + p.stderr
-        mine = [l for l in p.stdout.splitlines() if "web-caged" in l or "outside-cpuset" in l]
+        mine = [l for l in p.stdout.splitlines() if g.name in l or "outside-cpuset" in l]
         assert any("outside-cpuset" in l and d.name in l and "allows 1" in l for l in mine), p.stdout
         assert all(g.affinity(tid) == "1" for tid in g.threads())
     finally:
@@ -359,13 +370,13 @@ def test_vm_whose_binary_was_upgraded_away_is_still_managed(tmp_path):
     shutil.copy(QEMU, exe)
     cfg = tmp_path / "vcpud.yaml"
     cfg.write_text(f"executables: [{bindir}/qemu-system-*]\n" + POLICY)
-    g = start_guest(tmp_path, "web-upgraded", smp="1", exe=str(exe))
+    g = start_guest(tmp_path, f"{RUN}web-upgraded", smp="1", exe=str(exe))
     try:
         exe.unlink()
         assert os.readlink(f"/proc/{g.pid}/exe").endswith(" (deleted)")
         p = run_vcpud("apply", "--config", str(cfg))
         assert p.returncode == 0, p.stdout + p.stderr
-        assert any(l.startswith("web-upgraded (pid") for l in p.stdout.splitlines()), p.stdout
+        assert any(l.startswith(f"{g.name} (pid {g.pid})") for l in p.stdout.splitlines()), p.stdout
         assert all(g.affinity(tid) == "0" for tid, c in g.threads().items() if not c.startswith("kvm-nx"))
     finally:
         g.kill()

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import skip_or_fail
 from tests.daemon_harness import DaemonProc, Qmp
 from tests.integration.test_apply_qemu import need_host
-from tests.qemu import Guest, start_guest
+from tests.qemu import RUN, Guest, start_guest
 
 pytestmark = pytest.mark.qemu
 
@@ -22,19 +22,19 @@ POLICY = """\
 rescan_interval: {rescan}
 policies:
   - name: core8
-    match: {{name: "core*"}}
+    match: {{name: "{run}core*"}}
     vcpupin: {{0: "0", 1: "1"}}
     vcpus: "1"
     emulatorpin: "0"
     iothreadpin: "1"
   - name: web
-    match: {{name: "web*"}}
+    match: {{name: "{run}web*"}}
     affinity: "{web}"
 """
 
 
 def write_config(path: Path, rescan: str = "1h", web: str = "0") -> Path:
-    path.write_text(POLICY.format(rescan=rescan, web=web))
+    path.write_text(POLICY.format(rescan=rescan, web=web, run=RUN))
     return path
 
 
@@ -61,6 +61,11 @@ def mismatches(g: Guest, want) -> dict[str, tuple[str, str]]:
         if w is not None and have != w:
             out[f"{tid} {comm}"] = (have, w)
     return out
+
+
+# A deadline for "the daemon pinned it", not a speed bar: a loaded 2-CPU host may take seconds.
+# The speeds are measured by tests/benchmarks/bench_daemon.py.
+PINNED_WITHIN = 15.0
 
 
 def wait_until_pinned(g: Guest, want, timeout: float) -> float:
@@ -95,7 +100,7 @@ def guests(tmp_path):
     made: list[Guest] = []
 
     def start(name, *args, **kw) -> Guest:
-        g = start_guest(tmp_path, name, *args, **kw)
+        g = start_guest(tmp_path, RUN + name, *args, **kw)
         made.append(g)
         return g
 
@@ -111,22 +116,23 @@ def test_new_guests_pinned_by_events_without_rescan(tmp_path, daemon_factory, gu
     t0 = time.monotonic()
     core = guests("core8", "-object", "iothread,id=io1", smp="4,sockets=1,cores=2,threads=2")
     web = guests("web1", smp="2")
-    wait_until_pinned(core, expected, timeout=1.0)
-    wait_until_pinned(web, lambda c: None if c.startswith("kvm-nx") else "0", timeout=1.0)
+    # how fast: tests/benchmarks/bench_daemon.py; here, that events did it (no rescan in the hour)
+    wait_until_pinned(core, expected, timeout=PINNED_WITHIN)
+    wait_until_pinned(web, lambda c: None if c.startswith("kvm-nx") else "0", timeout=PINNED_WITHIN)
     elapsed = time.monotonic() - t0
     log = d.log()
     assert "full scan (startup)" in log and "full scan (rescan)" not in log, log
     assert d.alive()
     print(f"two guests started and pinned in {elapsed:.3f}s")
-    assert "found VM core8" in log and "found VM web1" in log
+    assert f"found VM {core.name} (pid {core.pid})" in log and f"found VM {web.name} (pid {web.pid})" in log
 
 
 def test_vcpu_hotplug_and_iothread_object_add(tmp_path, daemon_factory, guests):
     cfg = write_config(tmp_path / "vcpud.yaml", rescan="1h")
-    daemon_factory(cfg)
+    d = daemon_factory(cfg)
     qmp_path = tmp_path / "qmp.sock"
     g = guests("core-hot", "-qmp", f"unix:{qmp_path},server=on,wait=off", smp="2,maxcpus=4")
-    wait_until_pinned(g, expected, timeout=1.0)
+    wait_until_pinned(g, expected, timeout=PINNED_WITHIN)
     qmp = Qmp(qmp_path)
     try:
         free = [c for c in qmp.cmd("query-hotpluggable-cpus") if "qom-path" not in c]
@@ -135,17 +141,18 @@ def test_vcpu_hotplug_and_iothread_object_add(tmp_path, daemon_factory, guests):
         before = set(g.threads())
         t0 = time.monotonic()
         qmp.cmd("device_add", driver=slot["type"], id="hotcpu", **slot["props"])
+        # rescan_interval is 1h: only the events can pin it (latency: bench_daemon.py's hotplug bench)
         new = None
-        while new is None and time.monotonic() - t0 < 2:
+        while new is None:
             new = next((t for t, c in g.threads().items() if t not in before and c.startswith("CPU ")), None)
-        assert new is not None, f"no new vCPU thread: {g.threads()}"
+            assert new is not None or time.monotonic() - t0 < PINNED_WITHIN, f"no new vCPU thread: {g.threads()}"
+            time.sleep(0.001)
         comm = g.threads()[new]
         want = expected(comm)
         while g.affinity(new) != want:
-            assert time.monotonic() - t0 < 0.1, f"{comm} not pinned to {want} within 100 ms: {g.affinity(new)}"
-            time.sleep(0.0005)
-        hot_ms = (time.monotonic() - t0) * 1000
-        print(f"hotplugged {comm} pinned {hot_ms:.1f} ms after device_add was sent")
+            assert time.monotonic() - t0 < PINNED_WITHIN, f"{comm} not pinned to {want}: {g.affinity(new)}"
+            time.sleep(0.001)
+        print(f"hotplugged {comm} pinned {(time.monotonic() - t0) * 1000:.1f} ms after device_add was sent")
 
         qmp.cmd("object-add", **{"qom-type": "iothread", "id": "io9"})
         t0 = time.monotonic()
@@ -153,8 +160,9 @@ def test_vcpu_hotplug_and_iothread_object_add(tmp_path, daemon_factory, guests):
             io = [t for t, c in g.threads().items() if c == "IO io9"]
             if io and g.affinity(io[0]) == "1":
                 break
-            assert time.monotonic() - t0 < 1.0, f"IO io9 not pinned: {g.threads()}"
+            assert time.monotonic() - t0 < PINNED_WITHIN, f"IO io9 not pinned: {g.threads()}"
             time.sleep(0.001)
+        assert "full scan (rescan)" not in d.log()
     finally:
         qmp.close()
 
@@ -163,19 +171,18 @@ def test_drift_put_back_within_one_rescan(tmp_path, daemon_factory, guests):
     cfg = write_config(tmp_path / "vcpud.yaml", rescan="1s")
     d = daemon_factory(cfg)
     g = guests("core-drift", smp="2")
-    wait_until_pinned(g, expected, timeout=1.0)
+    wait_until_pinned(g, expected, timeout=PINNED_WITHIN)
     vcpu1 = next(t for t, c in g.threads().items() if c == "CPU 1/KVM")
+    mark = len(d.log())
     subprocess.run(["taskset", "-pc", "0", str(vcpu1)], check=True, capture_output=True)
     assert g.affinity(vcpu1) == "0"
     t0 = time.monotonic()
-    while g.affinity(vcpu1) != "1":
-        assert time.monotonic() - t0 < 1.5, "drift not corrected within one rescan interval"
-        time.sleep(0.01)
+    end = d.wait_log(rf"tid {vcpu1} \(vcpu 1\) had been moved to 0; put back on 1", start=mark)
     print(f"drift corrected after {time.monotonic() - t0:.2f}s")
-    deadline = time.monotonic() + 2
-    while "put back" not in d.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert re.search(rf"tid {vcpu1} \(vcpu 1\) had been moved to 0; put back on 1", d.log()), d.log()
+    assert g.affinity(vcpu1) == "1"
+    # within one rescan: the first scan begun after the move put it back (a scan begun before may have)
+    scans = re.findall(r"full scan \(rescan\)", d.log()[mark:end])
+    assert len(scans) <= 1, f"put back only by rescan {len(scans)} after the move:\n{d.log()[mark:end]}"
 
 
 def test_reload_applies_new_policy_and_survives_a_broken_one(tmp_path, daemon_factory, guests):
@@ -183,12 +190,12 @@ def test_reload_applies_new_policy_and_survives_a_broken_one(tmp_path, daemon_fa
     d = daemon_factory(cfg)
     g = guests("web-reload", smp="2")
     web = lambda want: (lambda c: None if c.startswith("kvm-nx") else want)  # noqa: E731
-    wait_until_pinned(g, web("0"), timeout=1.0)
+    wait_until_pinned(g, web("0"), timeout=PINNED_WITHIN)
 
     write_config(cfg, rescan="1h", web="1")
     n = len(d.notify.messages)
     d.hup()
-    wait_until_pinned(g, web("1"), timeout=2.0)
+    wait_until_pinned(g, web("1"), timeout=PINNED_WITHIN)
     d.notify.wait_for(lambda m: m.get("READY") == "1", start=n)
     assert re.search(r"reloaded: 2 policies; [1-9]\d* VMs re-pinned, [1-9]\d* threads changed", d.log()), d.log()
 
@@ -199,7 +206,7 @@ def test_reload_applies_new_policy_and_survives_a_broken_one(tmp_path, daemon_fa
     assert d.alive()
     assert "reload failed" in ready.get("STATUS", ""), ready
     assert re.search(rf"{re.escape(str(cfg))}:\d+:\d+: ", d.log()), d.log()
-    time.sleep(0.2)
+    # READY=1 after "reload failed" is the end of the daemon's handling of that reload: what it did is done
     assert not mismatches(g, web("1")), "a failed reload changed affinities"
 
 
@@ -209,9 +216,8 @@ def test_notify_sequence(tmp_path, daemon_factory):
     d.hup()
     d.notify.wait_for(lambda m: m.get("RELOADING") == "1")
     d.notify.wait_for(lambda m: m.get("READY") == "1", start=1)
-    t0 = time.monotonic()
-    rc = d.stop()
-    assert rc == 0 and time.monotonic() - t0 < 1.0
+    rc = d.stop(timeout=15)  # SIGKILLed (rc -9) if it has not exited by then
+    assert rc == 0
     seq = [k for m in d.notify.messages for k in ("READY", "RELOADING", "STOPPING") if m.get(k) == "1"]
     assert seq == ["READY", "RELOADING", "READY", "STOPPING"], d.notify.messages
     reloading = next(m for m in d.notify.messages if m.get("RELOADING") == "1")
@@ -223,19 +229,21 @@ def test_notify_sequence(tmp_path, daemon_factory):
 
 def test_watchdog_pings_from_the_loop(tmp_path, daemon_factory):
     cfg = write_config(tmp_path / "vcpud.yaml")
-    d = daemon_factory(cfg, env={"WATCHDOG_USEC": "200000"})  # systemd pings are due every 100 ms
-    time.sleep(1.0)
-    pings = [m for m in d.notify.messages if m.get("WATCHDOG") == "1"]
-    assert 5 <= len(pings) <= 15, len(pings)
+    d = daemon_factory(cfg, env={"WATCHDOG_USEC": "200000"})
+    # the loop keeps pinging, more than once per READY; how regularly: bench_daemon.py's watchdog bench
+    for _ in range(5):
+        d.notify.wait_for(lambda m: m.get("WATCHDOG") == "1", start=len(d.notify.messages), timeout=PINNED_WITHIN)
+    assert d.alive()
+    assert sum(m.get("READY") == "1" for m in d.notify.messages) == 1
 
 
 def test_sigint_exits_zero_and_leaves_pins(tmp_path, daemon_factory, guests):
     cfg = write_config(tmp_path / "vcpud.yaml")
     d = daemon_factory(cfg)
     g = guests("web-stays", smp="1")
-    wait_until_pinned(g, lambda c: None if c.startswith("kvm-nx") else "0", timeout=1.0)
+    wait_until_pinned(g, lambda c: None if c.startswith("kvm-nx") else "0", timeout=PINNED_WITHIN)
     d.proc.send_signal(signal.SIGINT)
-    assert d.proc.wait(timeout=1.0) == 0
+    assert d.proc.wait(timeout=15) == 0
     assert not mismatches(g, lambda c: None if c.startswith("kvm-nx") else "0")
 
 
@@ -244,17 +252,19 @@ def test_storm_of_50_guests_and_a_kill_mid_pinning(tmp_path, daemon_factory):
         skip_or_fail("needs 8 GiB of memory for 50 guests")
     cfg = write_config(tmp_path / "vcpud.yaml", rescan="5s")
     d = daemon_factory(cfg)
-    before = d.counts()
+    # (threads, fds) at rest: a single look can catch a /proc file the daemon is reading for some other
+    # guest on the host; what it holds for good is in every sample
+    before = min_counts(d)
     gs: list[Guest] = []
     victims: list[tuple[Guest, float]] = []
     rng = __import__("random").Random(7)
     try:
         for i in range(50):
-            gs.append(start_guest(tmp_path, f"web-storm{i}", smp="2", wait_vcpus=False))
+            gs.append(start_guest(tmp_path, f"{RUN}web-storm{i}", smp="2", wait_vcpus=False))
             if i % 5 == 0:
                 # 10 managed VMs SIGKILLed 0-60 ms after their start: while the daemon is
                 # discovering them, pinning their threads, or following up on their vCPUs
-                victims.append((start_guest(tmp_path, f"web-victim{i}", smp="2", wait_vcpus=False),
+                victims.append((start_guest(tmp_path, f"{RUN}web-victim{i}", smp="2", wait_vcpus=False),
                                 time.monotonic() + rng.uniform(0, 0.06)))
             for v, when in victims:
                 if time.monotonic() >= when:
@@ -270,12 +280,23 @@ def test_storm_of_50_guests_and_a_kill_mid_pinning(tmp_path, daemon_factory):
         print(f"50 guests pinned {time.monotonic() - t0:.2f}s after the last one was started")
         assert d.alive()
     finally:
+        mark = len(d.log())
         for g in gs:
             g.kill()
-    time.sleep(1.5)
-    after = d.counts()
+    # two rescans begun after the kills: one whole scan ran, which drops any VM whose exit was missed
+    d.wait_log(r"full scan \(rescan\)", start=mark, count=2, timeout=30)
     assert d.alive()
+    after = min_counts(d)
     assert after == before, f"daemon (threads, fds) before {before}, after {after}"
+
+
+def min_counts(d: DaemonProc, samples: int = 20) -> tuple[int, int]:
+    """The daemon's (threads, fds), each the least of ``samples`` looks 10 ms apart."""
+    seen = []
+    for _ in range(samples):
+        seen.append(d.counts())
+        time.sleep(0.01)
+    return min(t for t, _ in seen), min(f for _, f in seen)
 
 
 def _free_port() -> int:
@@ -299,22 +320,23 @@ def _metric(url: str, name: str, labels: str) -> float:
 def test_busy_vcpu_time_is_counted_on_its_cpu(tmp_path, daemon_factory, guests):
     """A guest that runs (SeaBIOS looks for a boot device for a few seconds) burns CPU on its vCPU's CPU."""
     cfg = tmp_path / "vcpud.yaml"
-    cfg.write_text('rescan_interval: 300ms\npolicies:\n  - name: core\n    match: {name: "core*"}\n'
+    cfg.write_text(f'rescan_interval: 300ms\npolicies:\n  - name: core\n    match: {{name: "{RUN}core*"}}\n'
                    '    vcpupin: {0: "1"}\n')
     port = _free_port()
-    daemon_factory(cfg, "--metrics-listen", f"127.0.0.1:{port}")
+    d = daemon_factory(cfg, "--metrics-listen", f"127.0.0.1:{port}")
     url = f"http://127.0.0.1:{port}/metrics"
     g = guests("core-busy", smp="1", paused=False)
     vcpu = next(t for t, c in g.threads().items() if c == "CPU 0/KVM")
-    wait_until_pinned(g, lambda c: "1" if c == "CPU 0/KVM" else None, timeout=1.0)
+    wait_until_pinned(g, lambda c: "1" if c == "CPU 0/KVM" else None, timeout=PINNED_WITHIN)
     t0 = time.monotonic()
     ticks0 = sum(int(x) for x in Path(f"/proc/{g.pid}/task/{vcpu}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
-    time.sleep(2.0)
+    time.sleep(2.0)  # the guest runs a while
+    mark = len(d.log())
     ticks1 = sum(int(x) for x in Path(f"/proc/{g.pid}/task/{vcpu}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
     burnt = (ticks1 - ticks0) / os.sysconf("SC_CLK_TCK")
     if burnt < 0.2:
         skip_or_fail(f"the guest's vCPU only ran {burnt:.2f}s in 2s: nothing to count")
-    time.sleep(0.7)  # one more rescan samples the last ticks
+    d.wait_log(r"full scan \(rescan\)", start=mark, count=2)  # a whole rescan sampled the last ticks
     counted = _metric(url, "vcpud_cpu_vcpu_seconds_total", 'cpu="1"')
     elapsed = time.monotonic() - t0
     assert counted >= burnt * 0.5, (counted, burnt)

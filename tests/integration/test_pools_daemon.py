@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import skip_or_fail
 from tests.daemon_harness import DaemonProc
 from tests.integration.test_apply_qemu import ONLINE, need_host
-from tests.qemu import Guest, start_guest
+from tests.qemu import RUN, Guest, start_guest
 
 pytestmark = pytest.mark.qemu
 
@@ -24,7 +24,7 @@ pools:
   dedicated: {{cpus: "0-1", exclusive: true}}
 policies:
   - name: db
-    match: {{name: "db*"}}
+    match: {{name: "{run}db*"}}
     vcpus: {{pool: dedicated}}
     on_exhausted: leave
 """
@@ -43,7 +43,7 @@ def env(tmp_path):
         cfg = tmp_path / "vcpud.yaml"
 
         def write(self, rescan="1h"):
-            self.cfg.write_text(CONFIG.format(state=self.state, rescan=rescan))
+            self.cfg.write_text(CONFIG.format(state=self.state, rescan=rescan, run=RUN))
 
         def daemon(self) -> DaemonProc:
             d = DaemonProc(tmp_path, self.cfg)
@@ -51,7 +51,7 @@ def env(tmp_path):
             return d
 
         def guest(self, name) -> Guest:
-            g = start_guest(tmp_path, name, smp="1")
+            g = start_guest(tmp_path, RUN + name, smp="1")
             guests.append(g)
             return g
 
@@ -69,7 +69,7 @@ def vcpu_cpus(g: Guest) -> str:
     return g.affinity(tid)
 
 
-def wait_for(pred, timeout=3.0, what="condition"):
+def wait_for(pred, timeout=15.0, what="condition"):
     deadline = time.monotonic() + timeout
     while True:
         v = pred()
@@ -82,7 +82,7 @@ def wait_for(pred, timeout=3.0, what="condition"):
 
 def dedicated(gs: list[Guest]) -> dict[str, str]:
     """name -> the single CPU its vCPU is pinned to, once every guest has one."""
-    out = {g.name: vcpu_cpus(g) for g in gs}
+    out = {g.name.removeprefix(RUN): vcpu_cpus(g) for g in gs}
     return out if all(v in ("0", "1") for v in out.values()) else {}
 
 
@@ -93,7 +93,7 @@ def test_restart_keeps_cpus_and_corrupt_state_is_rebuilt(env):
     assert placed["db1"] != placed["db2"]
     saved = json.loads(env.state.read_text())
     assert sorted((v["name"], v["vcpus"]) for v in saved["vms"]) == \
-        sorted((n, [int(c)]) for n, c in placed.items())
+        sorted((RUN + n, [int(c)]) for n, c in placed.items())
 
     # kill -9 the daemon and start it again: the same VMs keep the same CPUs
     d.proc.send_signal(signal.SIGKILL)
@@ -101,7 +101,7 @@ def test_restart_keeps_cpus_and_corrupt_state_is_rebuilt(env):
     d2 = env.daemon()
     assert dedicated([db1, db2]) == placed
     assert "rebuilt from live affinities" not in d2.log()
-    assert "pinned VM db" not in d2.log()  # nothing had to move
+    assert f"pinned VM {RUN}db" not in d2.log()  # nothing had to move
 
     # a corrupt state file: rebuilt from what the threads show, still no CPU twice
     d2.proc.send_signal(signal.SIGKILL)
@@ -109,6 +109,7 @@ def test_restart_keeps_cpus_and_corrupt_state_is_rebuilt(env):
     env.state.write_text('{"version": 1, "vms": [{"pid": "garbage"')
     d3 = env.daemon()
     assert "rebuilt from live affinities: adopted 2 VMs" in d3.log(), d3.log()
+    assert f"adopted pid {db1.pid}:" in d3.log() and f"adopted pid {db2.pid}:" in d3.log(), d3.log()
     assert dedicated([db1, db2]) == placed
     assert json.loads(env.state.read_text())["version"] == 1  # rewritten whole
 
@@ -118,9 +119,9 @@ def test_waiting_vm_placed_when_cpus_free_up(env):
     db1, db2 = env.guest("db1"), env.guest("db2")
     wait_for(lambda: dedicated([db1, db2]), what="both VMs placed")
     db3 = env.guest("db3")
-    status = d.notify.wait_for(lambda m: "waiting for pool CPUs" in m.get("STATUS", ""), timeout=5)
+    status = d.notify.wait_for(lambda m: "waiting for pool CPUs" in m.get("STATUS", ""), timeout=15)
     assert "1 VMs waiting" in status["STATUS"]
-    time.sleep(0.2)
+    # that STATUS is sent after the scan that placed db3 as waiting: the daemon has looked at it
     assert vcpu_cpus(db3) == ONLINE.format()  # on_exhausted: leave -> left where it was
     freed = vcpu_cpus(db1)
     db1.kill()

@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import run_vcpud, skip_or_fail
 from tests.prometheus import (ALERTS, PROMETHEUS, PrometheusServer, alert_queries, alert_rules, dashboard_queries,
                               free_port, variable_queries)
+from tests.qemu import RUN
 from tests.unit.test_metrics import SCENARIO, Box, samples
 from vcpud.metrics import MetricsServer, exposition
 
@@ -97,16 +98,18 @@ def test_harness_with_a_standalone_metrics_server(tmp_path):
 
 # --- against `vcpud run` and real guests -----------------------------------------------------
 
-# Only this test's guests: other VMs on the host stay unmanaged (not pinned, not counted).
-POLICY = """\
+# The host may run other guests: the policies match only this run's two guests, by exact name, so that
+# the per-CPU sums count nothing but them.
+WEB, CORE = f"{RUN}prom-web", f"{RUN}prom-core"
+POLICY = f"""\
 rescan_interval: 2s
 policies:
   - name: core
-    match: {name: "core-prom"}
-    vcpupin: {0: "0", 1: "1"}
+    match: {{name: "{CORE}"}}
+    vcpupin: {{0: "0", 1: "1"}}
     emulatorpin: "1"
   - name: web
-    match: {name: "web-prom"}
+    match: {{name: "{WEB}"}}
     affinity: "0"
 """
 
@@ -154,8 +157,8 @@ def test_daemon_metrics_in_prometheus(tmp_path):
     guests = []
     daemon = None
     try:
-        guests.append(start_guest(tmp_path, "web-prom", smp="2"))
-        guests.append(start_guest(tmp_path, "core-prom", smp="2"))
+        guests.append(start_guest(tmp_path, WEB, smp="2"))
+        guests.append(start_guest(tmp_path, CORE, smp="2"))
         port = free_port()
         target = f"127.0.0.1:{port}"
         daemon = DaemonProc(tmp_path, cfg, "--metrics-listen", target)
@@ -165,7 +168,7 @@ def test_daemon_metrics_in_prometheus(tmp_path):
             except AssertionError:
                 raise AssertionError(f"vcpud's metrics never scraped; daemon log:\n{daemon.log()}") from None
             sel = f'{{instance="{target}"}}'
-            # vCPUs: web-prom's two on 0 (affinity "0"), core-prom's vCPU 0 on 0 and vCPU 1 on 1
+            # vCPUs: WEB's two on 0 (affinity "0"), CORE's vCPU 0 on 0 and vCPU 1 on 1
             prom.wait_for(f'vcpud_cpu_pinned_threads{{instance="{target}", role="vcpu"}}',
                           lambda r: {s["metric"]["cpu"]: float(s["value"][1]) for s in r} == {"0": 3, "1": 1},
                           timeout=20, what="vCPUs per CPU")
@@ -180,14 +183,16 @@ def test_daemon_metrics_in_prometheus(tmp_path):
                 assert time.monotonic() < deadline, f"Prometheus has {got}, /proc says {want}"
                 time.sleep(0.5)
             emu = prom.values(f'vcpud_cpu_pinned_threads{{instance="{target}", role="emulator"}}', "cpu")
-            assert emu[("0",)] >= 1 and emu[("1",)] >= 1, emu  # web-prom's main thread on 0, core-prom's on 1
+            assert emu[("0",)] >= 1 and emu[("1",)] >= 1, emu  # WEB's main thread on 0, CORE's on 1
             assert prom.values(f"vcpud_cpu_exclusive_vcpus{sel}", "cpu") == {("0",): 3, ("1",): 1}
             on_cpu = set(prom.values(f"vcpud_cpu_vm_info{sel}", "cpu", "role", "vm"))
-            assert {("0", "vcpu", "web-prom"), ("0", "emulator", "web-prom"), ("0", "vcpu", "core-prom"),
-                    ("1", "vcpu", "core-prom"), ("1", "emulator", "core-prom")} <= on_cpu, on_cpu
-            assert not any(c == "1" and vm == "web-prom" for c, _, vm in on_cpu), on_cpu
-            vms = prom.values(f'vcpud_vm_info{{instance="{target}", vm=~"web-prom|core-prom"}}', "vm", "policy")
-            assert vms == {("web-prom", "web"): 1, ("core-prom", "core"): 1}
+            assert {("0", "vcpu", WEB), ("0", "emulator", WEB), ("0", "vcpu", CORE),
+                    ("1", "vcpu", CORE), ("1", "emulator", CORE)} <= on_cpu, on_cpu
+            assert not any(c == "1" and vm == WEB for c, _, vm in on_cpu), on_cpu
+            # only this run's guests are managed (other guests on the host are policy="")
+            assert {vm for _, _, vm in on_cpu} == {WEB, CORE}, on_cpu
+            vms = prom.values(f'vcpud_vm_info{{instance="{target}", policy!=""}}', "vm", "policy")
+            assert vms == {(WEB, "web"): 1, (CORE, "core"): 1}
             assert prom.values(f'vcpud_pin_operations_total{{instance="{target}", result="pinned"}}')[()] > 0
             assert prom.values(f"vcpud_config_last_reload_successful{sel}") == {(): 1}
             wait_rules_healthy(prom)
