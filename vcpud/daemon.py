@@ -7,9 +7,6 @@ loop publishes a fresh Snapshot (what the metrics server reads) and the systemd 
 from __future__ import annotations
 
 import logging
-import selectors
-import signal
-import socket
 import sys
 import time
 from datetime import datetime
@@ -26,6 +23,7 @@ from .publisher import ConfigInfo, snapshot, status_line
 from .reconciler import Reconciler, ScanReason
 from .sdnotify import Notifier
 from .snapshot import Snapshot
+from .sources import Sources
 from .topology import Topology, read_topology
 from .vocab import EventSource
 
@@ -50,8 +48,6 @@ class Daemon:
         self.ops = ops or OsAffinity(proc)
         self.notifier = notifier or Notifier()
         self.clock = clock
-        self.use_udev = use_udev
-        self.use_connector = use_connector
         self.stats = Stats()
         self.rec: Reconciler | None = None
         self.info = ConfigInfo()
@@ -65,12 +61,7 @@ class Daemon:
         self.stop_requested = False
         self.reload_requested = False
         self.topology_changed = False
-        self.sel = selectors.DefaultSelector()
-        self.connector: Any = None
-        self.udev_monitor: Any = None
-        self.udev_source = ""
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
+        self.sources = Sources(use_connector, use_udev)
         self._status_sent = ""
 
     @property
@@ -91,59 +82,10 @@ class Daemon:
         log.info("loaded %d policies from %s", len(config.policies), ", ".join(config.files))
 
     def open_sources(self) -> None:
-        self._wake_r, self._wake_w = socket.socketpair()
-        for s in (self._wake_r, self._wake_w):
-            s.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_hup)
-        self.sel.register(self._wake_r, selectors.EVENT_READ, EventSource.SIGNAL)
-        if self.use_connector:
-            self._open_connector()
-        if self.use_udev:
-            self._open_udev()
-
-    def _open_connector(self) -> None:
-        from .procconn import ProcConnector, ProcConnectorUnavailable
-
-        try:
-            self.connector = ProcConnector(events={"fork", "exec", "comm", "exit"})
-        except ProcConnectorUnavailable as e:
-            log.warning("netlink proc connector unavailable (%s): new threads are found by rescans only", e)
-            return
-        self.sel.register(self.connector.fileno(), selectors.EVENT_READ, EventSource.PROC_CONNECTOR)
-        log.info("listening to the netlink proc connector")
-
-    def _open_udev(self) -> None:
-        try:
-            import pyudev
-        except ImportError as e:
-            log.warning("pyudev missing (%s): new VMs are found by rescans only", e)
-            return
-        # Without udevd nobody re-broadcasts uevents on the 'udev' group: listen to the kernel.
-        self.udev_source = "udev" if Path("/run/udev/control").exists() else "kernel"
-        try:
-            mon = pyudev.Monitor.from_netlink(pyudev.Context(), source=self.udev_source)
-            mon.filter_by("misc")
-            mon.filter_by("cpu")  # CPU hot(un)plug: pooled CPUs come and go
-            mon.set_receive_buffer_size(4 * 1024 * 1024)
-            mon.start()
-        except (OSError, ValueError) as e:
-            log.warning("cannot watch uevents (%s): new VMs are found by rescans only", e)
-            return
-        self.udev_monitor = mon
-        self.sel.register(mon.fileno(), selectors.EVENT_READ, EventSource.UDEV)
-        log.info("watching kvm uevents from %s", self.udev_source)
+        self.sources.open(self._on_stop, self._on_hup)
 
     def close(self) -> None:
-        signal.set_wakeup_fd(-1)
-        if self.connector is not None:
-            self.connector.close()
-        self.sel.close()
-        for s in (self._wake_r, self._wake_w):
-            if s is not None:
-                s.close()
+        self.sources.close()
 
     def _on_stop(self, signum: int, frame: object) -> None:
         self.stop_requested = True
@@ -184,8 +126,8 @@ class Daemon:
             timers.append(due)
         if self.notifier.watchdog_interval:
             timers.append(self.next_watchdog)
-        for key, _ in self.sel.select(max(0.0, min(timers) - self.clock())):
-            self.dispatch(key.data)
+        for source in self.sources.ready(max(0.0, min(timers) - self.clock())):
+            self.dispatch(source)
             if self.stop_requested:
                 return
         if self.reload_requested:
@@ -207,11 +149,7 @@ class Daemon:
 
     def dispatch(self, source: EventSource) -> None:
         if source is EventSource.SIGNAL:
-            try:
-                while self._wake_r is not None and self._wake_r.recv(4096):
-                    pass
-            except BlockingIOError:
-                pass
+            self.sources.drain_signals()
             self.stats.count_event(EventSource.SIGNAL)
         elif source is EventSource.PROC_CONNECTOR:
             self.on_connector()
@@ -224,7 +162,7 @@ class Daemon:
 
         rec = self.reconciler
         try:
-            events = self.connector.read()
+            events = self.sources.connector.read()
         except Overrun as e:
             self.stats.overruns += 1
             log.warning("proc connector overrun: events lost, rescanning")
@@ -243,28 +181,15 @@ class Daemon:
 
     def on_udev(self) -> None:
         rec = self.reconciler
-        while True:
-            try:
-                dev = self.udev_monitor.poll(timeout=0)
-            except OSError as e:
-                # ENOBUFS: the kernel dropped uevents; the rescan catches what they said.
-                log.warning("uevent socket: %s; rescanning", e)
-                rec.on_events_lost()
-                return
-            if dev is None:
-                return
-            props = dev.properties
-            if dev.subsystem == "cpu":
-                if dev.action in ("online", "offline", "add", "remove"):
-                    self.stats.count_event(EventSource.UDEV)
-                    self.topology_changed = True
-                continue
-            if dev.sys_name != "kvm" or props.get("EVENT") not in ("create", "destroy"):
+        for ev in self.sources.uevents():
+            if ev.kind == "lost":
+                rec.on_events_lost()  # the rescan catches what the lost uevents said
                 continue
             self.stats.count_event(EventSource.UDEV)
-            pid = props.get("PID", "")
-            if pid.isdigit():
-                rec.on_kvm_uevent(props.get("EVENT"), int(pid))
+            if ev.kind == "cpu":
+                self.topology_changed = True
+            elif ev.pid:
+                rec.on_kvm_uevent(ev.event, ev.pid)
 
     # --- topology and rescans -----------------------------------------------------------
     def _online_now(self) -> CpuSet | None:
