@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from .activity import Stats
 from .cpuset import CpuSet
+from .discovery import ExeCheck
 from .config import Config, ConfigError, load_config
 from .holdings import FileStore
 from .pinning import AffinityOps, OsAffinity
@@ -41,6 +42,7 @@ class Daemon:
         use_udev: bool = True,
         use_connector: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        exe_check: ExeCheck | None = None,
     ) -> None:
         self.config_path = config_path
         self.sysroot = sysroot
@@ -48,6 +50,7 @@ class Daemon:
         self.ops = ops or OsAffinity(proc)
         self.notifier = notifier or Notifier()
         self.clock = clock
+        self.exe_check = exe_check  # None: the live host's files
         self.stats = Stats()
         self.rec: Reconciler | None = None
         self.info = ConfigInfo()
@@ -76,7 +79,7 @@ class Daemon:
         topology = read_topology(self.sysroot)
         config = load_config(self.config_path, online=topology.online)
         self.rec = Reconciler(config, topology.online, self.procfs, self.ops, FileStore(config.state_file),
-                              topology=topology, clock=self.clock, stats=self.stats)
+                              topology=topology, clock=self.clock, stats=self.stats, exe_check=self.exe_check)
         self.info = ConfigInfo(loaded_at=datetime.now().strftime("%H:%M:%S"))
         self.stats.last_reload_success = time.time()
         log.info("loaded %d policies from %s", len(config.policies), ", ".join(config.files))
