@@ -133,3 +133,17 @@ def test_syscall_filter_allows(syscall, tmp_path):
         names = set().union(*(expand(n) for n in line.lstrip("~").split()))
         allowed = allowed - names if inverted else allowed | names
     assert syscall in allowed
+
+
+def test_every_subpackage_is_packaged():
+    """A wheel (and so a .deb) carries every package under vcpud/, not only the top one."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    root = Path(__file__).resolve().parents[1]
+    spec = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    found = set(find_packages(str(root), include=spec["include"]))
+    on_disk = {str(p.parent.relative_to(root)).replace("/", ".") for p in (root / "vcpud").rglob("__init__.py")}
+    assert on_disk >= {"vcpud", "vcpud.config", "vcpud.metrics"}
+    assert found == on_disk

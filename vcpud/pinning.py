@@ -8,7 +8,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Protocol
 
 from .cpuset import CpuSet
 from .placement import Assignment
@@ -128,17 +128,3 @@ def pin_one(a: Assignment, ops: AffinityOps, dry_run: bool = False) -> PinResult
         detail = f"asked for {a.cpus}, kernel kept {after} (cpuset cgroup?)"
         return PinResult(a, Outcome.MISMATCH, before, after, detail)
     return PinResult(a, Outcome.PINNED, before, after)
-
-
-def apply(assignments: Iterable[Assignment], ops: AffinityOps, dry_run: bool = False) -> list[PinResult]:
-    """Pin every assignment that does not already hold; one failure never stops the rest."""
-    results = []
-    for a in assignments:
-        r = pin_one(a, ops, dry_run)
-        if r.outcome is Outcome.PINNED:
-            log.info("pinned pid %d tid %d (%s) to %s by %s", a.pid, a.tid, a.label, a.cpus, a.rule)
-        elif not r.outcome.ok:
-            log.log(logging.DEBUG if r.outcome is Outcome.VANISHED else logging.WARNING,
-                    "could not pin pid %d tid %d (%s) to %s: %s %s", a.pid, a.tid, a.label, a.cpus, r.outcome, r.detail)
-        results.append(r)
-    return results

@@ -2,7 +2,7 @@ import errno
 
 from vcpud.cpuset import CpuSet
 from vcpud.discovery import Role
-from vcpud.pinning import Outcome, apply, pin_one
+from vcpud.pinning import Outcome, pin_one
 from vcpud.placement import Assignment
 
 C = CpuSet.parse
@@ -35,7 +35,7 @@ def a(tid, cpus):
 
 def test_skips_what_already_matches():
     ops = FakeOps({1: C("0"), 2: C("0-1")})
-    res = apply([a(1, "0"), a(2, "1")], ops)
+    res = [pin_one(x, ops) for x in (a(1, "0"), a(2, "1"))]
     assert [r.outcome for r in res] == [Outcome.UNCHANGED, Outcome.PINNED]
     assert ops.sets == [2] and ops.current[2] == C("1")
 
@@ -43,7 +43,7 @@ def test_skips_what_already_matches():
 def test_errno_classification_and_continue():
     ops = FakeOps({1: C("0-1"), 2: C("0-1"), 3: C("0-1"), 5: C("0-1")},
                   fail={1: errno.EINVAL, 2: errno.EPERM, 3: errno.ESRCH})
-    res = apply([a(1, "1"), a(2, "1"), a(3, "1"), a(4, "1"), a(5, "1")], ops)
+    res = [pin_one(a(tid, "1"), ops) for tid in (1, 2, 3, 4, 5)]
     assert [r.outcome for r in res] == [Outcome.OUTSIDE_CPUSET, Outcome.NO_PERMISSION, Outcome.VANISHED,
                                         Outcome.VANISHED, Outcome.PINNED]
     assert "EINVAL" in res[0].detail and "cpuset" in res[0].detail
