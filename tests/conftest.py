@@ -23,7 +23,8 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-DUMPS = sorted(p.name[: -len(".tar.gz")] for p in SHARED_TOPOLOGIES.glob("*.tar.gz")) if SHARED_TOPOLOGIES.is_dir() else []
+DUMPS = sorted(p.name[: -len(".tar.gz")] for p in SHARED_TOPOLOGIES.glob("*.tar.gz")) \
+    if SHARED_TOPOLOGIES.is_dir() else []
 
 
 def _safe_members(tar: tarfile.TarFile):

@@ -247,7 +247,7 @@ def test_ps_json_shows_vms_roles_affinities(guests, lookalikes, config):
 
     table = run_vcpud("ps", "--config", str(config))
     assert table.returncode == 0
-    assert all(len(l) <= 80 for l in table.stdout.splitlines()), table.stdout
+    assert all(len(ln) <= 80 for ln in table.stdout.splitlines()), table.stdout
     assert guests["core8"].name in table.stdout and "vcpu 3" in table.stdout
     for pid in lookalikes:
         assert f"pid {pid} " not in table.stdout
@@ -314,7 +314,8 @@ def make_cpuset_cgroup(name: str, cpus: str) -> tuple[Path, str]:
         (d / "cpuset.mems").write_text((v1 / "cpuset.mems").read_text().strip() or "0")
         return d, "tasks"
     for v2 in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
-        if "cpuset" in (v2 / "cgroup.controllers").read_text().split() if (v2 / "cgroup.controllers").exists() else False:
+        controllers = v2 / "cgroup.controllers"
+        if controllers.exists() and "cpuset" in controllers.read_text().split():
             (v2 / "cgroup.subtree_control").write_text("+cpuset")
             d = v2 / name
             d.mkdir(exist_ok=True)
@@ -352,8 +353,8 @@ def test_cpuset_cgroup_excluding_the_cpus_is_reported(tmp_path, config):
             (d / tasks).write_text(str(g.pid))
         p = run_vcpud("apply", "--config", str(config))
         assert p.returncode == 1, p.stdout + p.stderr
-        mine = [l for l in p.stdout.splitlines() if g.name in l or "outside-cpuset" in l]
-        assert any("outside-cpuset" in l and d.name in l and "allows 1" in l for l in mine), p.stdout
+        mine = [ln for ln in p.stdout.splitlines() if g.name in ln or "outside-cpuset" in ln]
+        assert any("outside-cpuset" in ln and d.name in ln and "allows 1" in ln for ln in mine), p.stdout
         assert all(g.affinity(tid) == "1" for tid in g.threads())
     finally:
         g.kill()
@@ -376,7 +377,7 @@ def test_vm_whose_binary_was_upgraded_away_is_still_managed(tmp_path):
         assert os.readlink(f"/proc/{g.pid}/exe").endswith(" (deleted)")
         p = run_vcpud("apply", "--config", str(cfg))
         assert p.returncode == 0, p.stdout + p.stderr
-        assert any(l.startswith(f"{g.name} (pid {g.pid})") for l in p.stdout.splitlines()), p.stdout
+        assert any(ln.startswith(f"{g.name} (pid {g.pid})") for ln in p.stdout.splitlines()), p.stdout
         assert all(g.affinity(tid) == "0" for tid, c in g.threads().items() if not c.startswith("kvm-nx"))
     finally:
         g.kill()

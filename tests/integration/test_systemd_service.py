@@ -227,7 +227,9 @@ def test_vcpud_service_in_nspawn(container: Container):
             names = {n for n, _ in _guest_threads(guest).values()}
             if all({f"CPU {i}/KVM", f"CPU {i}/TCG"} & names for i in range(2)):
                 break
-        assert time.monotonic() < deadline, f"guest vCPU threads did not appear\n{c.run('journalctl', '-u', 'guest-web1', '--no-pager', check=False).stdout}"
+        if time.monotonic() >= deadline:
+            journal = c.run("journalctl", "-u", "guest-web1", "--no-pager", check=False).stdout
+            raise AssertionError(f"guest vCPU threads did not appear\n{journal}")
         time.sleep(0.05)
 
     threads = _wait_affinity(guest, "0", timeout=2.0)
@@ -238,7 +240,8 @@ def test_vcpud_service_in_nspawn(container: Container):
     r = c.systemctl("reload", "vcpud.service", check=False)
     assert r.returncode == 0, f"reload failed: {r.stderr}\n{_diagnostics(c)}"
     threads = _wait_affinity(guest, "1", timeout=5.0)
-    assert all(cpus == "1" for _, cpus in threads.values()), f"not moved to 1 after reload: {threads}\n{_diagnostics(c)}"
+    assert all(cpus == "1" for _, cpus in threads.values()), \
+        f"not moved to 1 after reload: {threads}\n{_diagnostics(c)}"
     svc2 = c.show("vcpud.service", "ActiveState", "SubState", "MainPID", "NRestarts")
     assert (svc2["ActiveState"], svc2["SubState"]) == ("active", "running"), f"{svc2}\n{_diagnostics(c)}"
     assert svc2["MainPID"] == svc["MainPID"] and svc2["NRestarts"] == "0", f"restarted instead of reloaded: {svc2}"
