@@ -163,6 +163,11 @@ def _guest_threads(pid: int) -> dict[int, tuple[str, str]]:
     return out
 
 
+# Functional deadlines only: whether the service pins at all, not how fast (a loaded shared host, a
+# slow container start). How fast it pins is measured in tests/benchmarks/bench_daemon.py.
+PIN_DEADLINE = 15.0
+
+
 def _wait_affinity(pid: int, want: str, timeout: float) -> dict[int, tuple[str, str]]:
     deadline = time.monotonic() + timeout
     while True:
@@ -232,14 +237,15 @@ def test_vcpud_service_in_nspawn(container: Container):
             raise AssertionError(f"guest vCPU threads did not appear\n{journal}")
         time.sleep(0.05)
 
-    threads = _wait_affinity(guest, "0", timeout=2.0)
-    assert all(cpus == "0" for _, cpus in threads.values()), f"not pinned to 0 within 2 s: {threads}\n{_diagnostics(c)}"
+    threads = _wait_affinity(guest, "0", timeout=PIN_DEADLINE)
+    assert all(cpus == "0" for _, cpus in threads.values()), \
+        f"not pinned to 0 within {PIN_DEADLINE:.0f} s: {threads}\n{_diagnostics(c)}"
 
     # Reload with a new config: the threads move, the service stays up.
     c.write_file("/etc/vcpud/vcpud.yaml", CONFIG.format(cpus="1"))
     r = c.systemctl("reload", "vcpud.service", check=False)
     assert r.returncode == 0, f"reload failed: {r.stderr}\n{_diagnostics(c)}"
-    threads = _wait_affinity(guest, "1", timeout=5.0)
+    threads = _wait_affinity(guest, "1", timeout=PIN_DEADLINE)
     assert all(cpus == "1" for _, cpus in threads.values()), \
         f"not moved to 1 after reload: {threads}\n{_diagnostics(c)}"
     svc2 = c.show("vcpud.service", "ActiveState", "SubState", "MainPID", "NRestarts")
