@@ -28,6 +28,9 @@ from tests.qemu import QEMU, kvm_usable
 
 UNIT = REPO / "packaging" / "systemd" / "vcpud.service"
 VCPUD = Path(sys.executable).parent / "vcpud"
+# This checkout's code with the venv's interpreter: the venv may be an editable install of another
+# checkout (a git worktree shares the main tree's venv), whose sources are not bound in.
+RUN_VCPUD = f"{sys.executable} -m vcpud"
 CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19, "CAP_SYS_NICE": 23}
 CAP_MASK = sum(1 << b for b in CAPS.values())
 PF_KTHREAD, PF_USER_WORKER = 0x00200000, 0x00004000
@@ -129,7 +132,8 @@ def _dropin() -> str:
         "# written by tests/integration/test_systemd_service.py: run this checkout's venv",
         "[Service]",
         "ExecStart=",
-        f"ExecStart={VCPUD} run --config /etc/vcpud/vcpud.yaml",
+        f"ExecStart={RUN_VCPUD} run --config /etc/vcpud/vcpud.yaml",
+        f"Environment=PYTHONPATH={REPO}",
     ]
     paths = _python_paths()
     home = [p for p in paths if _under(p, "/root", "/home", "/run/user")]
@@ -194,7 +198,7 @@ def test_vcpud_service_in_nspawn(container: Container):
         skip_or_fail(f"{VCPUD} missing: run contrib/setup-dev.sh")
     if not Path(QEMU).exists():
         skip_or_fail(f"{QEMU} missing")
-    help_ = c.run(str(VCPUD), "run", "--help", check=False)
+    help_ = c.run("env", f"PYTHONPATH={REPO}", *RUN_VCPUD.split(), "run", "--help", check=False)
     assert help_.returncode == 0, f"`vcpud run` not available yet:\n{help_.stdout}{help_.stderr}"
 
     # Install the unit as shipped, the drop-in, and the config.
