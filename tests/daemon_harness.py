@@ -76,9 +76,9 @@ class DaemonProc:
             stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=subprocess.STDOUT, env=env)
         try:
             self.notify.wait_for(lambda m: m.get("READY") == "1", timeout=30)
-        except AssertionError:
+        except AssertionError as e:
             self.stop()
-            raise AssertionError(f"vcpud never got ready:\n{self.log()}")
+            raise AssertionError(f"vcpud never got ready:\n{self.log()}") from e
 
     @property
     def pid(self) -> int:

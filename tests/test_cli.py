@@ -93,10 +93,10 @@ def test_broken_configs_give_positions_no_traceback(tmp_path, case, command):
     p = run_vcpud(command, "--config", str(cfg))
     assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
     assert "Traceback" not in p.stderr
-    lines = [l for l in p.stderr.splitlines() if l.startswith(f"{expect_file}:{linecol}: ")]
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith(f"{expect_file}:{linecol}: ")]
     assert lines, f"no {expect_file}:{linecol}: line in:\n{p.stderr}"
     for w in words:
-        assert any(w in l for l in lines), f"{w!r} not in {lines}"
+        assert any(w in ln for ln in lines), f"{w!r} not in {lines}"
     assert p.stdout == ""  # nothing was applied
 
 
@@ -113,7 +113,7 @@ def test_every_error_is_reported_at_once(tmp_path):
         """))
     p = run_vcpud("check", "--config", str(cfg))
     assert p.returncode == 2
-    positions = [l.split(": ", 1)[0] for l in p.stderr.splitlines() if l.startswith(str(cfg))]
+    positions = [ln.split(": ", 1)[0] for ln in p.stderr.splitlines() if ln.startswith(str(cfg))]
     assert positions == [f"{cfg}:4:18", f"{cfg}:5:18", f"{cfg}:6:11", f"{cfg}:7:13"], p.stderr
 
 

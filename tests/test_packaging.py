@@ -74,7 +74,8 @@ def test_shipped_unit_only_lacks_the_installed_binary():
         assert r.returncode == 0 and not lines, "\n".join(lines)
     else:
         other = [ln for ln in lines if "/usr/bin/vcpud" not in ln]
-        assert not other, "systemd-analyze verify complains about more than the missing /usr/bin/vcpud:\n" + "\n".join(other)
+        assert not other, ("systemd-analyze verify complains about more than the missing /usr/bin/vcpud:\n"
+                           + "\n".join(other))
 
 
 def test_security_exposure():

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from tests.conftest import run_vcpud, skip_or_fail
 from tests.qemu import QEMU, RUN, Guest, kvm_usable, start_guest
+from vcpud import cli
 from vcpud.cpuset import CpuSet
 from vcpud.discovery import scan
 from vcpud.engine import reconcile
@@ -147,6 +149,23 @@ def reset(*gs: Guest) -> None:
         g.unpin()
 
 
+def header_lines(stdout: str, *gs: Guest) -> dict[int, str]:
+    """pid -> the `NAME (pid PID) ...` line `vcpud apply` printed for each of these guests."""
+    out = {}
+    for g in gs:
+        (line,) = [ln for ln in stdout.splitlines() if ln.startswith(f"{g.name} (pid {g.pid}) ")] or [None]
+        assert line is not None, f"no line for {g.name} pid {g.pid}:\n{stdout}"
+        out[g.pid] = line
+    return out
+
+
+def counts(header: str) -> tuple[int, int, int]:
+    """(pinned, unchanged, failed) from an apply line `NAME (pid PID) policy P: 3 pinned, 0 unchanged, 0 failed`."""
+    m = re.search(r": (\d+) pinned, (\d+) unchanged, (\d+) failed$", header)
+    assert m, header
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
 def test_apply_pins_every_thread_as_the_policy_says(guests, lookalikes, config):
     core8, web1, nodbg = guests["core8"], guests["web1"], guests["nodbg"]
     reset(core8, web1, nodbg)
@@ -154,9 +173,9 @@ def test_apply_pins_every_thread_as_the_policy_says(guests, lookalikes, config):
     p = run_vcpud("apply", "--config", str(config))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "Traceback" not in p.stderr
-    lines = p.stdout.splitlines()
-    assert any(l.startswith(f"{core8.name} (pid {core8.pid})") for l in lines), p.stdout
-    assert any(l.startswith(f"{nodbg.name} (pid {nodbg.pid})") for l in lines), p.stdout
+    first = {pid: counts(line) for pid, line in header_lines(p.stdout, core8, web1, nodbg).items()}
+    for pinned, unchanged, failed in first.values():
+        assert pinned > 0 and unchanged == 0 and failed == 0, p.stdout  # reset: every wanted thread moves
 
     want_core8 = {"CPU 0/KVM": "0", "CPU 1/KVM": "1", "CPU 2/KVM": "0", "CPU 3/KVM": "1",
                   "IO io1": "0", "IO io2": "0"}
@@ -181,12 +200,6 @@ def test_apply_pins_every_thread_as_the_policy_says(guests, lookalikes, config):
     assert nodbg.affinity(by_role["vcpu 0"]) == "1"
     assert nodbg.affinity(by_role["vcpu 1"]) == "0"
     assert nodbg.affinity(nodbg.pid) == "0"  # main thread: emulatorpin
-    # kvm-nx-lpage-recovery shows a vCPU's KVM_RUN in /proc/TID/syscall but is no vCPU
-    nx = [tid for tid, comm in nodbg.threads().items() if comm.startswith("kvm-nx-lpage")]
-    if not nx:
-        skip_or_fail("this kernel starts no kvm-nx-lpage-recovery worker in the VM process")
-    assert {t.tid: t.role.value for t in vm.threads}[nx[0]] == "kernel"
-    assert nodbg.affinity(nx[0]) == ONLINE.format()  # reported, never pinned
 
     # look-alikes: untouched (the catch-all policy would have moved them to CPU 1)
     catch_all = load_config(config, online=ONLINE).policies[-1]
@@ -198,10 +211,26 @@ def test_apply_pins_every_thread_as_the_policy_says(guests, lookalikes, config):
     # a second run changes nothing and says so
     p2 = run_vcpud("apply", "--config", str(config))
     assert p2.returncode == 0, p2.stdout + p2.stderr
-    mine = [l for l in p2.stdout.splitlines() if l.startswith(tuple(f"{g.name} (pid {g.pid})" for g in guests.values()))]
-    assert len(mine) == 3, p2.stdout
-    for l in mine:
-        assert " 0 pinned" in l, l
+    second = {pid: counts(line) for pid, line in header_lines(p2.stdout, core8, web1, nodbg).items()}
+    assert second == {pid: (0, pinned, 0) for pid, (pinned, _, _) in first.items()}, p2.stdout
+
+
+def test_kvm_nx_worker_is_reported_never_pinned(guests, config):
+    # kvm-nx-lpage-recovery shows a vCPU's KVM_RUN in /proc/TID/syscall but is no vCPU
+    nodbg = guests["nodbg"]
+    reset(nodbg)
+    nx = [tid for tid, comm in nodbg.threads().items() if comm.startswith("kvm-nx-lpage")]
+    if not nx:
+        skip_or_fail("this kernel starts no kvm-nx-lpage-recovery worker in the VM process")
+    run_vcpud("apply", "--config", str(config), check=True)
+    vm = scan(Procfs(), pids=[nodbg.pid]).vms[0]
+    assert {t.tid: t.role.value for t in vm.threads}[nx[0]] == "kernel"
+    assert nodbg.affinity(by_label(vm)["vcpu 1"]) == "0"  # the policy was applied to the rest of the VM
+    assert nodbg.affinity(nx[0]) == ONLINE.format()  # reported, never pinned
+
+
+def by_label(vm) -> dict[str, int]:
+    return {t.label: t.tid for t in vm.threads}
 
 
 def _line(status: str, key: str) -> str:
@@ -211,13 +240,42 @@ def _line(status: str, key: str) -> str:
     raise AssertionError(key)
 
 
+def all_affinities(gs) -> dict[tuple[int, int], str]:
+    """(pid, tid) -> Cpus_allowed_list, for every thread of these guests, read from /proc."""
+    return {(g.pid, tid): g.affinity(tid) for g in gs for tid in g.threads()}
+
+
+VCPU_COMM = re.compile(r"CPU (\d+)/(KVM|TCG)$")
+
+
 def test_dry_run_changes_nothing(guests, config):
-    web1 = guests["web1"]
-    reset(web1)
+    core8, web1 = guests["core8"], guests["web1"]
+    reset(*guests.values())
+    before = all_affinities(guests.values())
+    assert set(before.values()) == {ONLINE.format()}
     p = run_vcpud("apply", "--dry-run", "--config", str(config))
-    assert p.returncode == 0, p.stderr
-    assert "would pin" in p.stdout
-    assert all(web1.affinity(tid) == ONLINE.format() for tid in web1.threads())
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert all_affinities(guests.values()) == before
+
+    # web1 (affinity: "0"): one "would pin" line for each of its threads but the kernel worker
+    lines = p.stdout.splitlines()
+    head = header_lines(p.stdout, web1)[web1.pid]
+    threads = {tid: comm for tid, comm in web1.threads().items() if not comm.startswith("kvm-nx")}
+    assert head.endswith(f" policy web: {len(threads)} to pin, 0 already right, 0 failed"), head
+    block = lines[lines.index(head) + 1:lines.index(head) + 1 + len(threads)]
+    want = set()
+    for tid, comm in threads.items():
+        m = VCPU_COMM.match(comm)
+        label = f"vcpu {m.group(1)}" if m else "emulator"
+        want.add(f"  would pin tid {tid} {label}: {ONLINE.format()} -> 0 (affinity)")
+    assert set(block) == want, p.stdout
+
+    # core8: its vCPU 1 by vcpupin[1], its IO thread io2 by iothreadpin
+    head = header_lines(p.stdout, core8)[core8.pid]
+    assert " to pin, 0 already right, 0 failed" in head, head
+    tid = {comm: tid for tid, comm in core8.threads().items()}
+    assert f"  would pin tid {tid['CPU 1/KVM']} vcpu 1: {ONLINE.format()} -> 1 (vcpupin[1])" in lines, p.stdout
+    assert f"  would pin tid {tid['CPU 3/KVM']} vcpu 3: {ONLINE.format()} -> 1 (vcpus)" in lines, p.stdout
 
 
 def test_ps_json_shows_vms_roles_affinities(guests, lookalikes, config):
@@ -247,7 +305,7 @@ def test_ps_json_shows_vms_roles_affinities(guests, lookalikes, config):
 
     table = run_vcpud("ps", "--config", str(config))
     assert table.returncode == 0
-    assert all(len(l) <= 80 for l in table.stdout.splitlines()), table.stdout
+    assert all(len(ln) <= 80 for ln in table.stdout.splitlines()), table.stdout
     assert guests["core8"].name in table.stdout and "vcpu 3" in table.stdout
     for pid in lookalikes:
         assert f"pid {pid} " not in table.stdout
@@ -295,13 +353,43 @@ def test_vm_killed_during_apply_does_not_stop_the_others(tmp_path, config):
         other.kill()
 
 
-def test_vm_gone_before_apply_scan_is_reported_not_fatal(tmp_path, config):
+class KillingProcfs(Procfs):
+    """The real /proc, but one guest is SIGKILLed (and reaped) as the scan lists its threads: after
+    /proc was listed, its executable verified and its stat, status and cmdline read."""
+
+    victim: Guest | None = None
+    killed = False
+
+    def tids(self, pid):
+        v = KillingProcfs.victim
+        if v is not None and pid == v.pid and not KillingProcfs.killed:
+            v.kill()
+            KillingProcfs.killed = True
+        return super().tids(pid)
+
+
+def test_vm_killed_during_apply_scan_is_reported_vanished_not_failed(tmp_path, config, monkeypatch, capsys):
     need_host()
-    g = start_guest(tmp_path, f"{RUN}web-gone", smp="1")
-    g.kill()
-    p = run_vcpud("apply", "--config", str(config))
-    assert "Traceback" not in p.stderr
-    assert f"pid {g.pid})" not in p.stdout
+    victim = start_guest(tmp_path, f"{RUN}web-gone", smp="2")
+    other = start_guest(tmp_path, f"{RUN}web-stays", smp="2")
+    try:
+        reset(other)
+        monkeypatch.setattr(KillingProcfs, "victim", victim)
+        monkeypatch.setattr(KillingProcfs, "killed", False)
+        monkeypatch.setattr(cli, "Procfs", KillingProcfs)
+        rc = cli.main(["apply", "--config", str(config)])  # the real command, in this process
+        out = capsys.readouterr().out
+        assert KillingProcfs.killed and victim.proc.returncode == -signal.SIGKILL
+        assert f"(pid {victim.pid})" not in out  # read halfway: no VM to report
+        m = re.search(r"^\((\d+) processes or threads vanished during the scan\)$", out, re.M)
+        assert m and int(m.group(1)) >= 1, out  # the victim (other processes on the host may have exited too)
+        threads = {tid: c for tid, c in other.threads().items() if not c.startswith("kvm-nx")}
+        assert counts(header_lines(out, other)[other.pid]) == (len(threads), 0, 0), out
+        assert {other.affinity(tid) for tid in threads} == {"0"}
+        assert rc == cli.EXIT_OK, out  # a VM that is gone is nothing left to pin: no failure
+    finally:
+        victim.kill()
+        other.kill()
 
 
 def make_cpuset_cgroup(name: str, cpus: str) -> tuple[Path, str]:
@@ -314,7 +402,8 @@ def make_cpuset_cgroup(name: str, cpus: str) -> tuple[Path, str]:
         (d / "cpuset.mems").write_text((v1 / "cpuset.mems").read_text().strip() or "0")
         return d, "tasks"
     for v2 in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
-        if "cpuset" in (v2 / "cgroup.controllers").read_text().split() if (v2 / "cgroup.controllers").exists() else False:
+        controllers = v2 / "cgroup.controllers"
+        if controllers.exists() and "cpuset" in controllers.read_text().split():
             (v2 / "cgroup.subtree_control").write_text("+cpuset")
             d = v2 / name
             d.mkdir(exist_ok=True)
@@ -352,8 +441,8 @@ def test_cpuset_cgroup_excluding_the_cpus_is_reported(tmp_path, config):
             (d / tasks).write_text(str(g.pid))
         p = run_vcpud("apply", "--config", str(config))
         assert p.returncode == 1, p.stdout + p.stderr
-        mine = [l for l in p.stdout.splitlines() if g.name in l or "outside-cpuset" in l]
-        assert any("outside-cpuset" in l and d.name in l and "allows 1" in l for l in mine), p.stdout
+        mine = [ln for ln in p.stdout.splitlines() if g.name in ln or "outside-cpuset" in ln]
+        assert any("outside-cpuset" in ln and d.name in ln and "allows 1" in ln for ln in mine), p.stdout
         assert all(g.affinity(tid) == "1" for tid in g.threads())
     finally:
         g.kill()
@@ -376,7 +465,7 @@ def test_vm_whose_binary_was_upgraded_away_is_still_managed(tmp_path):
         assert os.readlink(f"/proc/{g.pid}/exe").endswith(" (deleted)")
         p = run_vcpud("apply", "--config", str(cfg))
         assert p.returncode == 0, p.stdout + p.stderr
-        assert any(l.startswith(f"{g.name} (pid {g.pid})") for l in p.stdout.splitlines()), p.stdout
+        assert any(ln.startswith(f"{g.name} (pid {g.pid})") for ln in p.stdout.splitlines()), p.stdout
         assert all(g.affinity(tid) == "0" for tid, c in g.threads().items() if not c.startswith("kvm-nx"))
     finally:
         g.kill()

@@ -140,9 +140,11 @@ def test_cpu_hot_unplug_replaces_and_replug_reuses(env):
     on0 = db2 if on1 is db1 else db1
     try:
         online_file.write_text("0")
+        def last_status() -> str:
+            return d.notify.messages[-1].get("STATUS", "") if d.notify.messages else ""
+
         # the VM that had CPU 1 loses it: it waits (pool has only CPU 0, held by the other)
-        wait_for(lambda: "waiting for pool CPUs" in (d.notify.messages[-1].get("STATUS", "") if d.notify.messages else ""),
-                 timeout=5, what="STATUS reports a waiting VM")
+        wait_for(lambda: "waiting for pool CPUs" in last_status(), timeout=5, what="STATUS reports a waiting VM")
         assert vcpu_cpus(on0) == "0"  # the other one never moves
     finally:
         online_file.write_text("1")

@@ -28,6 +28,9 @@ from tests.qemu import QEMU, kvm_usable
 
 UNIT = REPO / "packaging" / "systemd" / "vcpud.service"
 VCPUD = Path(sys.executable).parent / "vcpud"
+# This checkout's code with the venv's interpreter: the venv may be an editable install of another
+# checkout (a git worktree shares the main tree's venv), whose sources are not bound in.
+RUN_VCPUD = f"{sys.executable} -m vcpud"
 CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19, "CAP_SYS_NICE": 23}
 CAP_MASK = sum(1 << b for b in CAPS.values())
 PF_KTHREAD, PF_USER_WORKER = 0x00200000, 0x00004000
@@ -129,7 +132,8 @@ def _dropin() -> str:
         "# written by tests/integration/test_systemd_service.py: run this checkout's venv",
         "[Service]",
         "ExecStart=",
-        f"ExecStart={VCPUD} run --config /etc/vcpud/vcpud.yaml",
+        f"ExecStart={RUN_VCPUD} run --config /etc/vcpud/vcpud.yaml",
+        f"Environment=PYTHONPATH={REPO}",
     ]
     paths = _python_paths()
     home = [p for p in paths if _under(p, "/root", "/home", "/run/user")]
@@ -163,6 +167,11 @@ def _guest_threads(pid: int) -> dict[int, tuple[str, str]]:
     return out
 
 
+# Functional deadlines only: whether the service pins at all, not how fast (a loaded shared host, a
+# slow container start). How fast it pins is measured in tests/benchmarks/bench_daemon.py.
+PIN_DEADLINE = 15.0
+
+
 def _wait_affinity(pid: int, want: str, timeout: float) -> dict[int, tuple[str, str]]:
     deadline = time.monotonic() + timeout
     while True:
@@ -189,7 +198,7 @@ def test_vcpud_service_in_nspawn(container: Container):
         skip_or_fail(f"{VCPUD} missing: run contrib/setup-dev.sh")
     if not Path(QEMU).exists():
         skip_or_fail(f"{QEMU} missing")
-    help_ = c.run(str(VCPUD), "run", "--help", check=False)
+    help_ = c.run("env", f"PYTHONPATH={REPO}", *RUN_VCPUD.split(), "run", "--help", check=False)
     assert help_.returncode == 0, f"`vcpud run` not available yet:\n{help_.stdout}{help_.stderr}"
 
     # Install the unit as shipped, the drop-in, and the config.
@@ -227,18 +236,22 @@ def test_vcpud_service_in_nspawn(container: Container):
             names = {n for n, _ in _guest_threads(guest).values()}
             if all({f"CPU {i}/KVM", f"CPU {i}/TCG"} & names for i in range(2)):
                 break
-        assert time.monotonic() < deadline, f"guest vCPU threads did not appear\n{c.run('journalctl', '-u', 'guest-web1', '--no-pager', check=False).stdout}"
+        if time.monotonic() >= deadline:
+            journal = c.run("journalctl", "-u", "guest-web1", "--no-pager", check=False).stdout
+            raise AssertionError(f"guest vCPU threads did not appear\n{journal}")
         time.sleep(0.05)
 
-    threads = _wait_affinity(guest, "0", timeout=2.0)
-    assert all(cpus == "0" for _, cpus in threads.values()), f"not pinned to 0 within 2 s: {threads}\n{_diagnostics(c)}"
+    threads = _wait_affinity(guest, "0", timeout=PIN_DEADLINE)
+    assert all(cpus == "0" for _, cpus in threads.values()), \
+        f"not pinned to 0 within {PIN_DEADLINE:.0f} s: {threads}\n{_diagnostics(c)}"
 
     # Reload with a new config: the threads move, the service stays up.
     c.write_file("/etc/vcpud/vcpud.yaml", CONFIG.format(cpus="1"))
     r = c.systemctl("reload", "vcpud.service", check=False)
     assert r.returncode == 0, f"reload failed: {r.stderr}\n{_diagnostics(c)}"
-    threads = _wait_affinity(guest, "1", timeout=5.0)
-    assert all(cpus == "1" for _, cpus in threads.values()), f"not moved to 1 after reload: {threads}\n{_diagnostics(c)}"
+    threads = _wait_affinity(guest, "1", timeout=PIN_DEADLINE)
+    assert all(cpus == "1" for _, cpus in threads.values()), \
+        f"not moved to 1 after reload: {threads}\n{_diagnostics(c)}"
     svc2 = c.show("vcpud.service", "ActiveState", "SubState", "MainPID", "NRestarts")
     assert (svc2["ActiveState"], svc2["SubState"]) == ("active", "running"), f"{svc2}\n{_diagnostics(c)}"
     assert svc2["MainPID"] == svc["MainPID"] and svc2["NRestarts"] == "0", f"restarted instead of reloaded: {svc2}"
