@@ -72,7 +72,7 @@ import dataclasses  # noqa: E402
 from vcpud.procfs import ProcessSnapshot, ThreadSnapshot  # noqa: E402
 from vcpud.placement import adopt, arrival_order  # noqa: E402
 from vcpud.config import parse_config_text  # noqa: E402
-from tests.unit.test_pools import synth  # noqa: E402
+from tests.synth_topology import synth  # noqa: E402
 
 
 def guest(pid, name, vcpus=2, affinity=None, start=None):

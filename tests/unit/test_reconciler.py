@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import pytest
 
 from tests.proctree import ProcTree, load
-from tests.unit.test_pools import synth
+from tests.synth_topology import synth
 from vcpud import state
 from vcpud.cpuset import CpuSet
 from vcpud.discovery import Role
