@@ -69,6 +69,8 @@ class PoolDecision:
 
     allocation: Allocation | None = None
     failure: Failure | None = None
+    # Without an allocation (on_exhausted: leave or fail): where its vCPUs may run meanwhile.
+    meanwhile: CpuSet = CpuSet()
 
 
 def rule_for(policy: "Policy", thread: Thread) -> tuple[str, CpuSet] | None:
@@ -126,7 +128,8 @@ def assign(thread: Thread, vm: VM, policy: "Policy", config: "Config", decision:
         if policy.on_exhausted in config.pools:
             name = policy.on_exhausted
             return f"on_exhausted: {name}", config.pools[name].cpus
-        return None  # waiting or failed: left where it is
+        # Waiting (leave) or failed: never confined to CPUs that other VMs hold.
+        return (f"on_exhausted: {policy.on_exhausted}", decision.meanwhile) if decision.meanwhile else None
     if thread.role is Role.EMULATOR and policy.emulator_isolate:
         a = decision.allocation
         if a is not None and a.emulator is not None:
@@ -134,6 +137,8 @@ def assign(thread: Thread, vm: VM, policy: "Policy", config: "Config", decision:
         if a is None and policy.on_exhausted in config.pools:
             name = policy.on_exhausted
             return f"on_exhausted: {name}", config.pools[name].cpus - isolated or config.pools[name].cpus
+        if a is None and decision.meanwhile:
+            return f"on_exhausted: {policy.on_exhausted}", decision.meanwhile
         return None
     r = rule_for(policy, thread)
     if r is not None and thread.role is Role.EMULATOR and policy.emulator_pool is not None:
@@ -191,8 +196,33 @@ def decide_pools(config: "Config", topology: "Topology | None", vms: Sequence[VM
         raise ValueError("pool placement needs the host topology")
     allocs, fails = allocate(topology, config.pools, requests, prior or {})
     out = {k: PoolDecision(allocation=a) for k, a in allocs.items()}
-    out.update({k: PoolDecision(failure=f) for k, f in fails.items()})
+    meanwhile = meanwhile_cpus(config, topology, allocs.values())
+    out.update({k: PoolDecision(failure=f, meanwhile=meanwhile) for k, f in fails.items()})
     return out
+
+
+def meanwhile_cpus(config: "Config", topology: "Topology", held: Iterable[Allocation]) -> CpuSet:
+    """Where the vCPUs of a VM that waits for exclusive CPUs (on_exhausted: leave or fail) may run.
+
+    Online CPUs in no exclusive pool (housekeeping and shared pools), not isolated; failing
+    those, the exclusive pools' CPUs nobody holds; failing those too (every online CPU held),
+    all online CPUs: vcpud cannot stop a VM, only keep it from being confined to CPUs that
+    other VMs hold.
+    """
+    online = topology.online
+    exclusive = CpuSet()
+    for p in config.pools.values():
+        if p.exclusive:
+            exclusive |= p.cpus
+    outside = online - exclusive
+    if outside - topology.isolated:
+        return outside - topology.isolated
+    if outside:
+        return outside
+    taken = CpuSet()
+    for a in held:
+        taken |= a.cpus
+    return (online & exclusive) - taken or online
 
 
 def plan(config: "Config", vms: Iterable[VM], online: CpuSet, topology: "Topology | None" = None,

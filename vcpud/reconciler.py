@@ -242,6 +242,7 @@ class Reconciler:
         pins: list[PinResult] = []
         for vm in arrival_order(found.vms):
             pins += self._apply_vm(vm, decisions.get(vm.key, PoolDecision()))
+        self._follow_decisions(decisions, alive)
         sample_vcpu_time(self.stats, self.procfs,
                          ((st.vm.pid, a) for st in self.vms.values() for a in st.wanted.values()))
         self.stats.reconcile_hist.observe(time.perf_counter() - t0)
@@ -261,8 +262,17 @@ class Reconciler:
         decisions = self.ledger.place(self.config, self.topology, others + list(found.vms))
         for vm in arrival_order(found.vms):
             self._apply_vm(vm, decisions.get(vm.key, PoolDecision()))
+        self._follow_decisions(decisions, fresh)
         self.stats.reconcile_hist.observe(time.perf_counter() - t0)
         self.changed = True
+
+    def _follow_decisions(self, decisions: dict[Hashable, PoolDecision], done: set[int]) -> None:
+        """Re-pin the VMs not just read whose pool decision changed (where a waiting VM may run
+        depends on what the others hold)."""
+        for pid, st in list(self.vms.items()):
+            new = decisions.get(st.vm.key)
+            if pid not in done and new is not None and new != st.decision:
+                self._apply_vm(st.vm, new)
 
     def reload(self, config: "Config", online: CpuSet, topology: "Topology | None") -> tuple[int, int]:
         """Take a new (valid) policy and re-pin by it: (VMs re-pinned, threads changed)."""
