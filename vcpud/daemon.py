@@ -16,12 +16,13 @@ from typing import Any, Callable
 from .activity import Stats
 from .cpuset import CpuSet
 from .discovery import ExeCheck
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
 from .holdings import FileStore
 from .pinning import AffinityOps, OsAffinity
 from .procfs import Procfs
 from .publisher import ConfigInfo, snapshot, status_line
 from .reconciler import Reconciler, ScanReason
+from .reloader import BackgroundLoader, Failed, Loaded
 from .sdnotify import Notifier
 from .snapshot import Snapshot
 from .sources import Sources
@@ -63,8 +64,10 @@ class Daemon:
         self.next_watchdog = 0.0
         self.stop_requested = False
         self.reload_requested = False
+        self.reload_again = False
         self.topology_changed = False
         self.sources = Sources(use_connector, use_udev)
+        self.loader = BackgroundLoader(config_path, sysroot, self.sources.wake)
         self._status_sent = ""
 
     @property
@@ -99,6 +102,11 @@ class Daemon:
     # --- the loop -----------------------------------------------------------------------
     def run(self) -> int:
         rec = self.reconciler
+        # A scrape (metrics thread) or a reload (loader thread) holds the GIL while it works; an
+        # event that wakes the loop waits for it up to the switch interval (5 ms by default).
+        # 0.5 ms keeps either from delaying a pin beyond the 1 ms target
+        # (tests/benchmarks/bench_metrics.py).
+        sys.setswitchinterval(0.0005)
         self.open_sources()
         try:
             self.start_metrics()
@@ -136,6 +144,12 @@ class Daemon:
         if self.reload_requested:
             self.reload_requested = False
             self.reload()
+        result = self.loader.result()
+        if result is not None:
+            self.finish_reload(result)
+            if self.reload_again:
+                self.reload_again = False
+                self.reload()
         now = self.clock()
         if self.notifier.watchdog_interval and now >= self.next_watchdog:
             self.notifier.watchdog()
@@ -223,26 +237,28 @@ class Daemon:
 
     # --- reload -------------------------------------------------------------------------
     def reload(self) -> None:
-        rec = self.reconciler
+        """SIGHUP: read the configuration in the background; a second SIGHUP meanwhile reads again after."""
+        if self.loader.busy:
+            self.reload_again = True
+            return
         self.notifier.reloading()
         log.info("reloading %s", self.config_path)
-        try:
-            topo = read_topology(self.sysroot)
-            new = load_config(self.config_path, online=topo.online)
-        except (ConfigError, OSError) as e:
+        self.loader.start()
+
+    def finish_reload(self, result: Loaded | Failed) -> None:
+        rec = self.reconciler
+        if isinstance(result, Failed):
             self.stats.reloads_failed += 1
             self.stats.last_reload_ok = False
             rec.changed = True
-            if isinstance(e, ConfigError):
-                for issue in e.issues:
-                    log.error("reload: %s", issue)
-                why = f" ({len(e.issues)} errors, see log)"
-            else:
-                why = f": {e}"
+            for issue in result.issues:
+                log.error("reload: %s", issue)
+            why = f" ({result.why})" if result.issues else f": {result.why}"
             self.info = ConfigInfo(self.info.loaded_at, f"reload failed at {datetime.now():%H:%M:%S}{why}")
             log.error("reload failed, keeping the running policy from %s", self.info.loaded_at)
             self.notifier.ready(self.status_line())
             return
+        new, topo = result.config, result.topology
         if new.metrics_listen != rec.config.metrics_listen and self.metrics_listen is None:
             log.warning("metrics.listen changed to %s: takes effect when vcpud restarts", new.metrics_listen)
         self.stats.reloads_ok += 1
@@ -270,10 +286,6 @@ class Daemon:
             log.error("cannot serve metrics on %s: %s", listen, e)
             return
         self.metrics_server = server
-        # A scrape renders in the server thread holding the GIL; when an event wakes the loop
-        # it waits for the GIL up to the switch interval (5 ms by default). 0.5 ms keeps a
-        # scrape from delaying a pin beyond the 1 ms target (tests/benchmarks/bench_metrics.py).
-        sys.setswitchinterval(0.0005)
         log.info("serving metrics on http://%s:%d/metrics", *self.metrics_address)
 
     def publish(self) -> None:

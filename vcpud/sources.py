@@ -92,6 +92,14 @@ class Sources:
         """Wait up to ``timeout`` seconds; the sources that have something to read."""
         return [key.data for key, _ in self.sel.select(timeout)]
 
+    def wake(self) -> None:
+        """Make the loop's select() return (from any thread): a reload finished."""
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, OSError):
+                pass  # the socket is full: the loop is awake already, or closed
+
     def drain_signals(self) -> None:
         try:
             while self._wake_r is not None and self._wake_r.recv(4096):

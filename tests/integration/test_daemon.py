@@ -213,9 +213,11 @@ def test_reload_applies_new_policy_and_survives_a_broken_one(tmp_path, daemon_fa
 def test_notify_sequence(tmp_path, daemon_factory):
     cfg = write_config(tmp_path / "vcpud.yaml")
     d = daemon_factory(cfg)
+    d.notify.wait_for(lambda m: m.get("READY") == "1")
     d.hup()
-    d.notify.wait_for(lambda m: m.get("RELOADING") == "1")
-    d.notify.wait_for(lambda m: m.get("READY") == "1", start=1)
+    reloading = d.notify.wait_for(lambda m: m.get("RELOADING") == "1")
+    # the reload is read in the background: READY again once it is taken up
+    d.notify.wait_for(lambda m: m.get("READY") == "1", start=d.notify.messages.index(reloading) + 1)
     rc = d.stop(timeout=15)  # SIGKILLed (rc -9) if it has not exited by then
     assert rc == 0
     seq = [k for m in d.notify.messages for k in ("READY", "RELOADING", "STOPPING") if m.get(k) == "1"]

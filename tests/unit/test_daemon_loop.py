@@ -53,22 +53,31 @@ def daemon(tmp_path: Path, unpacked):
             signal.signal(s, h)
 
 
+def reload_and_wait(d: Daemon) -> None:
+    """SIGHUP, then turn the loop until the background read is taken up (the loader wakes it)."""
+    done = d.stats.reloads_ok + d.stats.reloads_failed
+    os.kill(os.getpid(), signal.SIGHUP)
+    for _ in range(100):
+        d.turn()
+        if d.stats.reloads_ok + d.stats.reloads_failed > done:
+            return
+    raise AssertionError("the reload never finished")
+
+
 def test_reload_by_sighup_keeps_the_policy_on_errors_and_applies_a_good_one(daemon):
     d, tree, act, clock, notifier, cfg = daemon
     named = tree.pid("named")
     assert tree.procfs().affinity(named, named) == CpuSet.parse("0")
     good = cfg.read_text()
     cfg.write_text("policies: [\n")
-    os.kill(os.getpid(), signal.SIGHUP)
-    d.turn()
+    reload_and_wait(d)
     ready = [m for m in notifier.messages if m.get("READY") == "1"]
     assert ready and ready[-1]["STATUS"].startswith("reload failed")
     assert d.snapshot.config_last_reload_successful is False
     assert d.snapshot.config_reloads_failed == 1
-    assert d.snapshot.events[EventSource.SIGNAL] == 1
+    assert d.snapshot.events[EventSource.SIGNAL] >= 1
     cfg.write_text(good.replace('emulatorpin: "0"', 'emulatorpin: "3"'))
-    os.kill(os.getpid(), signal.SIGHUP)
-    d.turn()
+    reload_and_wait(d)
     assert tree.procfs().affinity(named, named) == CpuSet.parse("3")
     assert d.snapshot.config_last_reload_successful is True
     assert "reload failed" not in notifier.messages[-1]["STATUS"]
@@ -92,3 +101,53 @@ def test_sigterm_stops_the_loop(daemon):
     os.kill(os.getpid(), signal.SIGTERM)
     d.turn()
     assert d.stop_requested
+
+
+def test_a_slow_reload_does_not_hold_up_pinning(daemon, monkeypatch):
+    """While the new configuration is being read, new threads are still pinned by the old one."""
+    import threading
+
+    import vcpud.reloader
+
+    d, tree, act, clock, notifier, cfg = daemon
+    gate, reading = threading.Event(), threading.Event()
+    real = vcpud.reloader.load_config
+
+    def slow(*args, **kw):
+        reading.set()
+        assert gate.wait(30), "the test never let the reload finish"
+        return real(*args, **kw)
+
+    monkeypatch.setattr(vcpud.reloader, "load_config", slow)
+    cfg.write_text(cfg.read_text().replace('iothreadpin: "1"', 'iothreadpin: "3"'))
+    named = tree.pid("named")
+    os.kill(os.getpid(), signal.SIGHUP)
+    d.turn()
+    assert reading.wait(30) and d.loader.busy
+    tree.add_thread(named, 15000, "IO io2")
+    tree.set_affinity(named, 15000, [0, 1, 2, 3])
+    d.reconciler.on_fork(15000, named)
+    clock.advance(0.01)
+    d.turn()  # the read is still blocked: the loop pins by the running policy all the same
+    assert d.loader.busy and act.moved()[15000] == CpuSet.parse("1")
+    gate.set()
+    for _ in range(100):
+        d.turn()
+        if not d.loader.busy:
+            break
+    assert tree.procfs().affinity(named, 15000) == CpuSet.parse("3")
+    assert d.stats.reloads_ok == 1
+
+
+def test_a_reload_that_raises_anything_is_a_failed_reload_not_a_dead_daemon(daemon, monkeypatch):
+    import vcpud.reloader
+
+    d, tree, act, clock, notifier, cfg = daemon
+
+    def broken(*args, **kw):
+        raise ValueError("Exceeds the limit (4300 digits) for integer string conversion")
+
+    monkeypatch.setattr(vcpud.reloader, "load_config", broken)
+    reload_and_wait(d)
+    assert d.stats.reloads_failed == 1 and not d.stop_requested
+    assert "internal error" in notifier.messages[-1]["STATUS"]
