@@ -7,6 +7,7 @@ The store is a small protocol so the reconciler can be driven in tests without f
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Hashable, Iterable, Mapping, Protocol
 
@@ -44,13 +45,18 @@ class FileStore:
         self.path = path
 
     def load(self) -> dict[Key, state.Saved]:
+        """Raises state.StateError only, whatever is (or is not) at the path."""
         return state.load(self.path)
 
     def save(self, saved: Mapping[Any, state.Saved]) -> None:
         state.save(self.path, saved)
 
     def exists(self) -> bool:
-        return self.path.exists()
+        # Something there, even a dangling symlink or a path we may not stat, deserves a warning.
+        try:
+            return os.path.lexists(self.path) or self.path.exists()
+        except OSError:
+            return True
 
     def describe(self) -> str:
         return str(self.path)
