@@ -58,28 +58,43 @@ HUGE = ["1" * 5000, "9" * 21, "-" + "1" * 5000, "0-99999999", "8192", "0-8192", 
 GARBAGE = [b"\xff\xfe\x00garbage", b"\x00" * 100, b"\x1b[2J\x1b]0;t\x07", b"\xb2", "٣".encode(), b"0-", b",", b"-1",
            b"(null)", b"", b"0x", b" \n\t", "²".encode()]
 
+# Half the time one of the files every tree has and every command depends on, else any file.
+KEY_FILES = ["sys/devices/system/cpu/online", "sys/devices/system/cpu/present", "sys/devices/system/cpu/possible",
+             "proc/cpuinfo", "sys/devices/system/cpu/cpu0/topology/thread_siblings",
+             "sys/devices/system/cpu/cpu0/topology/core_cpus_list", "sys/devices/system/cpu/cpu1/topology/core_id",
+             "sys/devices/system/cpu/cpu0/cache/index0/size", "sys/devices/system/cpu/cpu0/cache/index3/shared_cpu_map",
+             "sys/devices/system/node/node0/cpulist"]
+target = st.one_of(st.sampled_from(KEY_FILES), st.integers(0, 10**6))
 mutation = st.one_of(
-    st.tuples(st.just("delete"), st.integers(0, 10**6)),
-    st.tuples(st.just("delete-dir"), st.integers(0, 10**6)),
-    st.tuples(st.just("truncate"), st.integers(0, 10**6), st.integers(0, 8)),
-    st.tuples(st.just("huge"), st.integers(0, 10**6), st.sampled_from(HUGE)),
-    st.tuples(st.just("garbage"), st.integers(0, 10**6), st.sampled_from(GARBAGE)),
-    st.tuples(st.just("bytes"), st.integers(0, 10**6), st.binary(max_size=40)),
-    st.tuples(st.just("fifo"), st.integers(0, 10**6)),
-    st.tuples(st.just("directory"), st.integers(0, 10**6)),
-    st.tuples(st.just("dev-zero"), st.integers(0, 10**6)),
+    st.tuples(st.just("delete"), target),
+    st.tuples(st.just("delete-dir"), target),
+    st.tuples(st.just("truncate"), target, st.integers(0, 8)),
+    st.tuples(st.just("huge"), target, st.sampled_from(HUGE)),
+    st.tuples(st.just("garbage"), target, st.sampled_from(GARBAGE)),
+    st.tuples(st.just("bytes"), target, st.binary(max_size=40)),
+    st.tuples(st.just("fifo"), target),
+    st.tuples(st.just("directory"), target),
+    st.tuples(st.just("dev-zero"), target),
+    st.tuples(st.just("new-cpu"), st.sampled_from(["cpu8191", "cpu8192", "cpu99999999", "cpu" + "9" * 200])),
 )
+
+
+def hash_index(where: int | str) -> int:
+    return where if isinstance(where, int) else sum(where.encode())
 
 
 def _mutate(tree: Tree, mutations: list[tuple]) -> tuple[Tree, dict[str, str]]:
     """The tree with ``mutations`` applied, and the special files to make: path -> fifo|dir|zero."""
     files = dict(tree)
     special: dict[str, str] = {}
-    for kind, index, *arg in mutations:
+    for kind, where, *arg in mutations:
         names = sorted(files)
+        if kind == "new-cpu":
+            files[f"sys/devices/system/cpu/{where}/topology/core_id"] = b"0\n"
+            continue
         if not names:
             break
-        name = names[index % len(names)]
+        name = where if isinstance(where, str) and where in files else names[hash_index(where) % len(names)]
         if kind == "delete":
             del files[name]
         elif kind == "delete-dir":
@@ -158,7 +173,7 @@ def _run_in_process(argv: list[str]) -> tuple[int, float]:
 START_RSS_KB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-@settings(derandomize=True, max_examples=120, deadline=None, database=None,
+@settings(derandomize=True, max_examples=300, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(dump=st.sampled_from(sorted(DUMPS) or ["none"]), mutations=st.lists(mutation, max_size=6))
 def test_every_command_survives_a_broken_sysroot(trees, dump, mutations):
@@ -185,7 +200,7 @@ def test_the_fuzzer_breaks_things(trees):
         _write(root, *_mutate(trees[name], []))
         assert _run_in_process(["topology", "--sysroot", str(root)])[0] == 0
         root2 = Path(d) / "root2"
-        files, special = _mutate(trees[name], [("fifo", sorted(trees[name]).index("sys/devices/system/cpu/online"))])
+        files, special = _mutate(trees[name], [("fifo", "sys/devices/system/cpu/online")])
         _write(root2, files, special)
         assert _run_in_process(["topology", "--sysroot", str(root2)])[0] == 1
 
@@ -193,10 +208,9 @@ def test_the_fuzzer_breaks_things(trees):
 def test_no_traceback_from_the_real_command(trees, tmp_path):
     """One subprocess per command over a tree with a huge number, a FIFO and /dev/zero in it."""
     name = "x86_64-64cpu" if "x86_64-64cpu" in trees else sorted(trees)[0]
-    names = sorted(trees[name])
     files, special = _mutate(trees[name], [
-        ("dev-zero", names.index("proc/cpuinfo")),
-        ("fifo", names.index("sys/devices/system/cpu/cpu0/topology/core_id")),
+        ("dev-zero", "proc/cpuinfo"),
+        ("fifo", "sys/devices/system/cpu/cpu0/topology/core_id"),
     ])
     root = tmp_path / "root"
     _write(root, files, special)
