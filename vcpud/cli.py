@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,22 +21,92 @@ from .pinning import OsAffinity, Outcome, PinResult
 from .placement import PoolDecision, VMPlan, arrival_order, assign, plan, vcpu_count
 from .pools import free_cpus
 from .procfs import Procfs
-from .topology import Topology, format_parse, format_summary, read_topology
+from .topology import Topology, TopologyError, format_parse, format_summary, read_topology
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
+# `plan --what-if`: at most this many imagined VMs, each of at most MAX_VM_VCPUS vCPUs (KVM's
+# KVM_MAX_VCPUS on x86 with CONFIG_MAXSMP; no guest has more). Not the host's CPU count: a
+# VM floating over a shared pool may have more vCPUs than the pool has CPUs.
+MAX_WHAT_IF = 1000
+MAX_VM_VCPUS = 4096
+_WHAT_IF_RE = re.compile(r"([^:]+):([0-9]+)(?::([0-9]+))?\Z")
+# argparse takes time quadratic in the number of options (50,000 --what-if: 100 s): longer
+# command lines are refused before it sees them.
+MAX_ARGS = 2 * MAX_WHAT_IF + 64
+WHAT_IF_EXPECTED = "expected NAME:VCPUS[:THREADS], VCPUS and THREADS positive decimal numbers"
 
-def _setup(args: argparse.Namespace, required: bool) -> tuple[Topology, Config] | None:
-    """This host's (or --sysroot's) topology and the config checked against it; None: errors printed."""
+
+# --- text from outside: guests' names and threads, user input -----------------------
+def _escape_char(c: str) -> str:
+    if c == "\\":
+        return "\\\\"
+    o = ord(c)
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def show(text: object) -> str:
+    """Text a guest or a user chose (a VM name from qemu's -name, a thread name), safe to print:
+    control and other non-printable characters, and backslashes, as escapes (``\\x1b``)."""
+    s = str(text)
+    if s.isprintable() and "\\" not in s:
+        return s
+    return "".join(c if c.isprintable() and c != "\\" else _escape_char(c) for c in s)
+
+
+def printable_lines(text: str) -> str:
+    """Every line of ``text`` with non-printable characters escaped (backslashes kept): the last
+    guard before the terminal, for whatever text a field-level show() did not go through."""
+    return "\n".join(
+        line if line.isprintable() else "".join(c if c.isprintable() else _escape_char(c) for c in line)
+        for line in text.split("\n"))
+
+
+def _emit(text: str) -> None:
+    sys.stdout.write(printable_lines(text))
+
+
+def _short(text: str, n: int = 60) -> str:
+    """User input for an error message: escaped as repr() does, and cut to about ``n`` characters."""
+    return repr(text) if len(text) <= n else repr(text[:n]) + f"... ({len(text)} characters)"
+
+
+# --- the topology and the config: one path for every command ---------------------
+def load_topology(sysroot: str) -> Topology | None:
+    """The topology of this host or of the sysfs dump at ``sysroot``, or None after printing why.
+
+    The only place commands read the topology: every failure of read_topology() (a
+    TopologyError naming the file, or any other OSError) becomes one line on stderr.
+    """
     try:
-        topo = read_topology(Path(args.sysroot))
-    except OSError as e:
-        print(f"vcpud: cannot read the CPU topology under {args.sysroot}: {e}", file=sys.stderr)
+        return read_topology(Path(sysroot))
+    except (TopologyError, OSError) as e:
+        print(printable_lines(f"vcpud: cannot read the CPU topology under {sysroot}: {e}"), file=sys.stderr)
         return None
+
+
+def _setup(args: argparse.Namespace, required: bool) -> tuple[Topology, Config] | int:
+    """This host's (or --sysroot's) topology and the config checked against it, or the exit code
+    after printing the errors: EXIT_FAILED when the topology cannot be read, EXIT_CONFIG when the
+    config does not load."""
+    topo = load_topology(args.sysroot)
+    if topo is None:
+        return EXIT_FAILED
     cfg = _load(args.config, topo.online, required=required)
-    return None if cfg is None else (topo, cfg)
+    return EXIT_CONFIG if cfg is None else (topo, cfg)
+
+
+def _procfs(args: argparse.Namespace) -> Procfs | None:
+    """The /proc tree to scan (hidden --proc), or None after printing why it cannot be read."""
+    try:
+        os.listdir(args.proc)
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        print(f"vcpud: cannot read the process list in {_short(str(args.proc))}: {why}", file=sys.stderr)
+        return None
+    return Procfs(Path(args.proc))
 
 
 def _load(path: Path | None, online: CpuSet, required: bool) -> Config | None:
@@ -54,26 +125,24 @@ def _load(path: Path | None, online: CpuSet, required: bool) -> Config | None:
 
 # --- topology -----------------------------------------------------------------------
 def cmd_topology(args: argparse.Namespace) -> int:
-    try:
-        topo = read_topology(Path(args.sysroot))
-    except (OSError, ValueError) as e:
-        print(f"vcpud: cannot read topology under {args.sysroot}: {e}", file=sys.stderr)
+    topo = load_topology(args.sysroot)
+    if topo is None:
         return EXIT_FAILED
     if args.json:
         print(json.dumps(topo.to_json(), indent=2))
     elif args.parse or args.physical:
-        sys.stdout.write(format_parse(topo, physical=args.physical))
+        _emit(format_parse(topo, physical=args.physical))
     else:
-        summary = format_summary(topo)
-        sys.stdout.write(summary if summary.endswith("\n") else summary + "\n")
+        summary = format_summary(topo)  # CPU type names come from /proc/cpuinfo: _emit() escapes
+        _emit(summary if summary.endswith("\n") else summary + "\n")
     return EXIT_OK
 
 
 # --- check --------------------------------------------------------------------------
 def cmd_check(args: argparse.Namespace) -> int:
     setup = _setup(args, required=True)
-    if setup is None:
-        return EXIT_CONFIG
+    if isinstance(setup, int):
+        return setup
     cfg = setup[1]
     print(f"{', '.join(cfg.files)}: OK, {len(cfg.policies)} policies, {len(cfg.pools)} pools")
     return EXIT_OK
@@ -85,7 +154,7 @@ def _vm_line(v: VMPlan, results: Sequence[PinResult], dry_run: bool) -> list[str
     for r in results:
         counts[r.outcome] = counts.get(r.outcome, 0) + 1
     failed = [r for r in results if not r.outcome.ok]
-    head = f"{v.vm.display_name} (pid {v.vm.pid}) policy {v.policy}: "
+    head = f"{show(v.vm.display_name)} (pid {v.vm.pid}) policy {show(v.policy)}: "
     if dry_run:
         head += f"{counts.get(Outcome.PLANNED, 0)} to pin, {counts.get(Outcome.UNCHANGED, 0)} already right"
     else:
@@ -97,31 +166,35 @@ def _vm_line(v: VMPlan, results: Sequence[PinResult], dry_run: bool) -> list[str
     for r in results:
         a = r.assignment
         if r.outcome is Outcome.PLANNED:
-            lines.append(f"  would pin tid {a.tid} {a.label}: {r.before} -> {a.cpus} ({a.rule})")
+            lines.append(f"  would pin tid {a.tid} {show(a.label)}: {r.before} -> {a.cpus} ({a.rule})")
         elif not r.outcome.ok:
-            lines.append(f"  FAILED tid {a.tid} {a.label} -> {a.cpus} ({a.rule}): {r.outcome}: {r.detail}")
+            lines.append(f"  FAILED tid {a.tid} {show(a.label)} -> {a.cpus} ({a.rule}): {r.outcome}: {r.detail}")
     lines += [f"  FAILED {p}" for p in v.problems]
     return lines
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     setup = _setup(args, required=True)
-    if setup is None:
-        return EXIT_CONFIG
+    if isinstance(setup, int):
+        return setup
     topo, cfg = setup
     online = topo.online
-    report = reconcile(cfg, online, Procfs(Path(args.proc)), OsAffinity(Path(args.proc)), dry_run=args.dry_run,
-                       topology=topo)
+    procfs = _procfs(args)
+    if procfs is None:
+        return EXIT_FAILED
+    report = reconcile(cfg, online, procfs, OsAffinity(Path(args.proc)), dry_run=args.dry_run, topology=topo)
     _hint_unreadable(report.scan)
+    lines: list[str] = []
     for v in report.vms:
         if v.plan.policy is None:
-            print(f"{v.plan.vm.display_name} (pid {v.plan.vm.pid}): no policy matches, left alone")
+            lines.append(f"{show(v.plan.vm.display_name)} (pid {v.plan.vm.pid}): no policy matches, left alone")
             continue
-        print("\n".join(_vm_line(v.plan, v.results, args.dry_run)))
+        lines += _vm_line(v.plan, v.results, args.dry_run)
     if not report.vms:
-        print("no VMs found")
+        lines.append("no VMs found")
     if report.scan.vanished:
-        print(f"({report.scan.vanished} processes or threads vanished during the scan)")
+        lines.append(f"({report.scan.vanished} processes or threads vanished during the scan)")
+    _emit("".join(line + "\n" for line in lines))
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -166,8 +239,8 @@ def ps_table(plans: Sequence[VMPlan]) -> str:
         s = vm.smp
         topo = f"{s.cpus} vCPUs ({s.sockets}s/{s.cores}c/{s.threads}t)"
         status = f" ({vp.status})" if vp.status not in ("pinned", "unmanaged") else ""
-        out.append(_cut(f"{vm.display_name}  pid {vm.pid}  user {vm.user or vm.uid}  "
-                        f"policy {vp.policy or 'unmanaged'}{status}  {topo}", 80))
+        out.append(_cut(f"{show(vm.display_name)}  pid {vm.pid}  user {show(vm.user or vm.uid)}  "
+                        f"policy {show(vp.policy or 'unmanaged')}{status}  {topo}", 80))
         if vp.reason:
             out.append(_cut(f"  {vp.status}: {vp.reason}", 80))
         out.append(f"  {'TID':>7}  {'ROLE':<12} {'PSR':>3}  {'AFFINITY':<16} {'WANT':<16} COMM")
@@ -175,14 +248,14 @@ def ps_table(plans: Sequence[VMPlan]) -> str:
             a = vp.wanted(t.tid)
             want = a.cpus.format() if a else "-"
             mark = " " if a is None or a.cpus == t.affinity else "!"
-            out.append(f" {mark}{t.tid:>7}  {_cut(t.label, 12):<12} {t.processor:>3}  "
-                       f"{_cut(t.affinity.format(), 16):<16} {_cut(want, 16):<16} {_cut(t.comm, 15)}".rstrip())
+            out.append(f" {mark}{t.tid:>7}  {_cut(show(t.label), 12):<12} {t.processor:>3}  "
+                       f"{_cut(t.affinity.format(), 16):<16} {_cut(want, 16):<16} {_cut(show(t.comm), 15)}".rstrip())
         for p in vp.problems:
             out.append(_cut(f"  ! {p}", 80))
         out.append("")
     if not plans:
         out.append("no VMs found")
-    return "\n".join(out).rstrip("\n") + "\n"
+    return printable_lines("\n".join(out).rstrip("\n") + "\n")
 
 
 def _hint_unreadable(found: Scan) -> None:
@@ -192,41 +265,64 @@ def _hint_unreadable(found: Scan) -> None:
               file=sys.stderr)
 
 
-def _live(args: argparse.Namespace, cfg: Config) -> tuple[Scan, list[VM]]:
-    """This host's VMs, oldest first (the order in which they claim pooled CPUs)."""
-    found = scan(Procfs(Path(args.proc)), cfg.executables)
+def _live(args: argparse.Namespace, cfg: Config) -> tuple[Scan, list[VM]] | None:
+    """This host's VMs, oldest first (the order in which they claim pooled CPUs); None: --proc
+    cannot be read (printed)."""
+    procfs = _procfs(args)
+    if procfs is None:
+        return None
+    found = scan(procfs, cfg.executables)
     _hint_unreadable(found)
     return found, arrival_order(found.vms)
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
     setup = _setup(args, required=False)
-    if setup is None:
-        return EXIT_CONFIG
+    if isinstance(setup, int):
+        return setup
     topo, cfg = setup
     online = topo.online
-    found, vms = _live(args, cfg)
+    live = _live(args, cfg)
+    if live is None:
+        return EXIT_FAILED
+    found, vms = live
     p = plan(cfg, vms, online, topo, load_priors(cfg, FileStore(cfg.state_file), vms, online, topo))
     if args.json:
         print(json.dumps(ps_json(found, p.vms), indent=2))
     else:
-        sys.stdout.write(ps_table(p.vms))
+        _emit(ps_table(p.vms))
     return EXIT_OK
 
 
 # --- plan ---------------------------------------------------------------------------
 def what_if_vm(i: int, spec: str) -> VM:
-    """An imagined VM from NAME:VCPUS[:THREADS] (THREADS = guest threads per core)."""
-    parts = spec.split(":")
-    if len(parts) not in (2, 3) or not parts[0] or not all(p.isdigit() and int(p) > 0 for p in parts[1:]):
-        raise ValueError(f"--what-if {spec!r}: expected NAME:VCPUS[:THREADS] with positive numbers")
-    n = int(parts[1])
-    t = int(parts[2]) if len(parts) == 3 else 1
+    """An imagined VM from NAME:VCPUS[:THREADS] (THREADS = guest threads per core).
+
+    ValueError, saying what is expected, for anything else and for more than MAX_VM_VCPUS vCPUs.
+    """
+    m = _WHAT_IF_RE.match(spec)
+    if m is None or not m.group(2).strip("0") or (m.group(3) is not None and not m.group(3).strip("0")):
+        raise ValueError(f"--what-if {_short(spec)}: {WHAT_IF_EXPECTED}")
+    name, vcpus, threads = m.group(1), m.group(2).lstrip("0"), (m.group(3) or "1").lstrip("0")
+    # Length before int(): 5,000 digits would be a bare ValueError, and ten million vCPUs a minute of work.
+    if len(vcpus) > len(str(MAX_VM_VCPUS)) or int(vcpus) > MAX_VM_VCPUS:
+        raise ValueError(f"--what-if {_short(spec)}: a VM has at most {MAX_VM_VCPUS} vCPUs (KVM's limit)")
+    n = int(vcpus)
+    if len(threads) > len(vcpus) or int(threads) > n:
+        raise ValueError(f"--what-if {_short(spec)}: more threads per core than the VM's {n} vCPUs")
+    t = int(threads)
     if n % t:
-        raise ValueError(f"--what-if {spec!r}: {n} vCPUs are not whole cores of {t} threads")
+        raise ValueError(f"--what-if {_short(spec)}: {n} vCPUs are not whole cores of {t} threads")
     # Negative pids and start times after every live VM: imagined VMs arrive last, in order.
-    return VM(pid=-(i + 1), starttime=2**62 + i, exe="", cmdline=(), uid=0, user=None, name=parts[0], uuid=None,
+    return VM(pid=-(i + 1), starttime=2**62 + i, exe="", cmdline=(), uid=0, user=None, name=name, uuid=None,
               smp=Smp(cpus=n, maxcpus=n, cores=n // t, threads=t), threads=(), debug_threads=True)
+
+
+def what_if_vms(specs: Sequence[str]) -> list[VM]:
+    """Every --what-if VM; ValueError for a bad one or for more than MAX_WHAT_IF of them."""
+    if len(specs) > MAX_WHAT_IF:
+        raise ValueError(f"{len(specs)} --what-if VMs: at most {MAX_WHAT_IF} at a time")
+    return [what_if_vm(i, spec) for i, spec in enumerate(specs)]
 
 
 def plan_json(vp: VMPlan, cfg: Config, isolated: CpuSet) -> dict[str, Any]:
@@ -268,20 +364,24 @@ def _vcpu_map(vcpus: dict[str, list[int]]) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     setup = _setup(args, required=True)
-    if setup is None:
-        return EXIT_CONFIG
+    if isinstance(setup, int):
+        return setup
     topo, cfg = setup
     online = topo.online
     try:
-        imagined = [what_if_vm(i, spec) for i, spec in enumerate(args.what_if or [])]
+        imagined = what_if_vms(args.what_if or [])
     except ValueError as e:
         print(f"vcpud: {e}", file=sys.stderr)
         return EXIT_CONFIG
     live: list[VM] = []
     if os.path.realpath(args.sysroot) == "/":
-        _, live = _live(args, cfg)
+        found = _live(args, cfg)
+        if found is None:
+            return EXIT_FAILED
+        live = found[1]
     else:
-        print(f"vcpud: topology from {args.sysroot}: this host's VMs are not part of the plan", file=sys.stderr)
+        print(printable_lines(f"vcpud: topology from {args.sysroot}: this host's VMs are not part of the plan"),
+              file=sys.stderr)
     prior = load_priors(cfg, FileStore(cfg.state_file), live, online, topo) if live else {}
     p = plan(cfg, live + imagined, online, topo, prior)
     rows = [plan_json(vp, cfg, topo.isolated) for vp in p.vms]
@@ -292,23 +392,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"vms": rows, "pools": pools}, indent=1))
         return EXIT_OK
+    out: list[str] = []
     for r in rows:
         vc = _vcpu_map(r["vcpus"])
-        head = f"{r['name']:<16} {r['policy'] or '-':<12} {r['status']:<9} vcpus {vc}"
+        head = f"{show(r['name']):<16} {show(r['policy'] or '-'):<12} {r['status']:<9} vcpus {vc}"
         if r["emulator"]:
             head += f"  emulator {CpuSet.of(r['emulator']).format()}"
-        print(head)
+        out.append(head)
         if r["reason"]:
-            print(f"    {r['reason']}")
+            out.append(f"    {r['reason']}")
         if args.verbose:
-            for k, why in r["reasons"].items():
-                print(f"    {k}: {why}")
+            out += [f"    {k}: {why}" for k, why in r["reasons"].items()]
     for name, spec in cfg.pools.items():
         extra = ""
         if spec.exclusive:
             left = free.get(name, CpuSet())
             extra = f", {len(left)} free ({left.format() or 'none'})"
-        print(f"pool {name}: {len(spec.cpus & online)} CPUs{' exclusive' if spec.exclusive else ''}{extra}")
+        out.append(f"pool {name}: {len(spec.cpus & online)} CPUs{' exclusive' if spec.exclusive else ''}{extra}")
+    _emit("".join(line + "\n" for line in out))
     return EXIT_OK
 
 
@@ -339,7 +440,7 @@ def _listen_arg(text: str) -> str:
     try:
         return str(parse_listen(text))
     except ListenAddressError as e:
-        raise argparse.ArgumentTypeError(f"bad listen address {text!r}: {e}") from None
+        raise argparse.ArgumentTypeError(f"bad listen address {_short(text)}: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,6 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) > MAX_ARGS:
+        print(f"vcpud: error: {len(argv)} arguments are too many (at most {MAX_ARGS}; "
+              f"at most {MAX_WHAT_IF} --what-if VMs)", file=sys.stderr)
+        return EXIT_CONFIG
     args = build_parser().parse_args(argv)
     args.log_level = args.log_level or ("info" if args.command == "run" else "warning")
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="vcpud: %(levelname)s: %(message)s")

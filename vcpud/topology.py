@@ -1,7 +1,15 @@
-"""Host CPU topology: sysfs -> frozen model, with lscpu-compatible output."""
+"""Host CPU topology: sysfs -> frozen model, with lscpu-compatible output.
+
+Reading a tree (the live one or a ``--sysroot`` dump) is bounded: every file is read with
+:func:`vcpud.bounded.read_bytes` (a FIFO, a device or an oversize file is an error, never a
+hang), every number is length-checked before ``int()`` and range-checked. The one failure
+:func:`read_topology` raises is :class:`TopologyError` (an OSError), whose message names the file.
+"""
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import re
 from dataclasses import dataclass, field
@@ -9,13 +17,28 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
-from vcpud.cpuset import CpuSet, CpuSetError
+from vcpud import bounded
+from vcpud.cpuset import MAX_CPUS, CpuSet, CpuSetError
 
 log = logging.getLogger(__name__)
 
 CPU_DIR = Path("sys/devices/system/cpu")
 NODE_DIR = Path("sys/devices/system/node")
 CPUINFO = Path("proc/cpuinfo")
+
+# /proc/cpuinfo grows with the CPUs (about 1.6 KiB each on x86): room for MAX_CPUS of them.
+CPUINFO_LIMIT = 16 << 20
+# The kernel's largest NUMA node count (CONFIG_NODES_SHIFT is at most 10).
+MAX_NODES = 1 << 10
+# Other kernel IDs (core, package, die, book, drawer, cache id and level) are C ints.
+MAX_ID = (1 << 31) - 1
+# Cache sizes: anything from 2**50 bytes (a PiB) up is not a cache.
+MAX_CACHE_SIZE = (1 << 50) - 1
+# More digits than this cannot be a number vcpud accepts; checked before int(), whose
+# own limit (4,300 digits) would raise a bare ValueError.
+_MAX_DIGITS = 20
+# A cpulist naming every CPU below MAX_CPUS one by one is about 40 KiB; a mask is 2,303 characters.
+_MAX_MASK_LEN = MAX_CPUS // 4 + MAX_CPUS // 32 + 2
 
 PARSE_HEADER = (
     "# The following is the parsable format, which can be fed to other\n"
@@ -68,6 +91,10 @@ _TRAILING_NUM_RE = re.compile(r"[0-9]+\Z")
 _SIZE_RE = re.compile(r"([0-9]+)\s*([KMGT]?)(?:i?B)?\Z", re.IGNORECASE)
 _SIZE_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
 _DECIMAL_RE = re.compile(r"[0-9]+\Z")
+# What the kernel writes in a cpulist / a cpumask file (only these are range-checked as such).
+_CPULIST_RE = re.compile(r"[0-9]+(?:-[0-9]+(?::[0-9]+)?)?(?:,[0-9]+(?:-[0-9]+(?::[0-9]+)?)?)*\Z")
+_MASK_RE = re.compile(r"(?:0[xX])?[0-9a-fA-F]+(?:,[0-9a-fA-F]{1,8})*\Z")
+_CPULIST_ITEM_RE = re.compile(r"([0-9]+)(?:-([0-9]+)(?::([0-9]+))?)?")
 # Legacy per-CPU cache files (cpuN/<prefix>cache_size) as lscpu reads them: prefix, level, type.
 _LEGACY_CACHES = (("l1_d", 1, "Data"), ("l1_i", 1, "Instruction"), ("l2_", 2, "Unified"))
 
@@ -224,16 +251,43 @@ def _ordered(sets: Iterable[CpuSet]) -> tuple[CpuSet, ...]:
 # --- reading -------------------------------------------------------------------------
 
 
+class TopologyError(OSError):
+    """The tree cannot be read as a CPU topology; str() names the file and says why.
+
+    An OSError, so that callers that handle unreadable files (the daemon) handle it too.
+    """
+
+    def __init__(self, path: Path | str, why: str, code: int = errno.EINVAL) -> None:
+        super().__init__(code, f"{path}: {why}")
+        self.path = str(path)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class NoCpuDirectory(TopologyError, FileNotFoundError):
+    """``sys/devices/system/cpu`` is missing (a TopologyError and a FileNotFoundError)."""
+
+
 def read_topology(sysroot: Path = Path("/")) -> Topology:
     """Read SYSROOT/sys/devices/system/{cpu,node} and SYSROOT/proc/cpuinfo into a Topology.
 
-    Missing files leave the matching attributes empty or None; only a missing
-    ``sys/devices/system/cpu`` directory is an error.
+    Missing files leave the matching attributes empty or None, and so does text that is no
+    number or CPU list at all (ignored with a warning, as lscpu does). Raises TopologyError,
+    naming the file, for what no kernel writes and vcpud must not try to use: a missing
+    ``sys/devices/system/cpu`` directory, a file that is not a regular file (FIFO, device,
+    directory) or is larger than its limit, a number too long or out of range, and a CPU
+    number at or beyond MAX_CPUS anywhere (a ``cpuN`` directory, a CPU list or mask, a
+    ``processor`` line).
     """
     root = Path(sysroot)
     cpu_dir = root / CPU_DIR
-    if not cpu_dir.is_dir():
-        raise FileNotFoundError(f"{cpu_dir} is missing: {root} does not look like a Linux root")
+    try:
+        is_dir = cpu_dir.is_dir()
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise TopologyError(cpu_dir, f"cannot be read: {e}") from None
+    if not is_dir:
+        raise NoCpuDirectory(cpu_dir, f"is missing: {root} does not look like a Linux root", errno.ENOENT)
 
     dirs = _cpu_dirs(cpu_dir)
     possible_f = _read_cpus(cpu_dir / "possible")
@@ -251,8 +305,8 @@ def read_topology(sysroot: Path = Path("/")) -> Topology:
     possible = possible_f if possible_f is not None else CpuSet.of(ids) | online
 
     nodes = _read_nodes(root / NODE_DIR)
-    cpuinfo = _read(root / CPUINFO)
-    cpu_types, type_of = _cpu_types(cpuinfo or "", ids)
+    cpuinfo = _read(root / CPUINFO, CPUINFO_LIMIT)
+    cpu_types, type_of = _cpu_types(cpuinfo or "", ids, root / CPUINFO)
 
     registry: dict[tuple[str, int, int], CpuSet] = {}  # caches by (type, level, id), in discovery order
     cpus = []
@@ -292,29 +346,48 @@ def read_topology(sysroot: Path = Path("/")) -> Topology:
     )
 
 
-def _read(path: Path) -> str | None:
+def _read(path: Path, limit: int = bounded.SYSFS_LIMIT) -> str | None:
+    """The text of a file, None when it cannot be opened; TopologyError when it is no attribute file."""
     try:
-        return path.read_text(errors="replace")
+        data = bounded.read_bytes(path, limit)
+    except bounded.ReadError as e:
+        raise TopologyError(path, str(e.strerror).removeprefix(f"{path}: ")) from None
     except OSError as e:
         log.debug("cannot read %s: %s", path, e)
         return None
+    return data.decode("utf-8", errors="replace")
 
 
-def _read_id(path: Path) -> int | None:
+def _number(path: Path, text: str, limit: int) -> int:
+    """Decimal digits ``text`` as an int from 0 to ``limit``; TopologyError beyond."""
+    if len(text) > _MAX_DIGITS:
+        raise TopologyError(path, f"number of {len(text)} digits is out of range (at most {limit})")
+    value = int(text)
+    if value > limit:
+        raise TopologyError(path, f"{value} is out of range (at most {limit})")
+    return value
+
+
+def _read_id(path: Path, limit: int = MAX_ID) -> int | None:
     """An integer sysfs attribute; -1 (the kernel's "unknown") and missing both give None."""
     text = _read(path)
     if text is None:
         return None
-    try:
-        value = int(text.strip())
-    except ValueError:
-        log.warning("ignoring non-numeric %s: %r", path, text.strip())
+    body = text.strip()
+    digits = body.removeprefix("-")
+    if not _DECIMAL_RE.match(digits):
+        log.warning("ignoring non-numeric %s: %r", path, body[:40])
         return None
-    return value if value >= 0 else None
+    value = _number(path, digits, limit)
+    return None if body.startswith("-") else value
 
 
 def _read_cpus(path: Path, mask: bool = False) -> CpuSet | None:
-    """A CPU set file, as a cpulist (``0-3,8``) or a hex mask (``ff,00000000``)."""
+    """A CPU set file, as a cpulist (``0-3,8``) or a hex mask (``ff,00000000``).
+
+    Text that is no cpulist (mask) is ignored with a warning; a well-formed one that names
+    a CPU at or beyond MAX_CPUS (or a number too long to be one) is a TopologyError.
+    """
     text = _read(path)
     if text is None:
         return None
@@ -322,11 +395,41 @@ def _read_cpus(path: Path, mask: bool = False) -> CpuSet | None:
     # nohz_full prints "(null)" when the boot option is absent.
     if body in ("", "(null)"):
         return CpuSet()
-    try:
-        return CpuSet.from_mask(body) if mask else CpuSet.parse(body)
-    except CpuSetError as e:
-        log.warning("ignoring unparseable %s: %s", path, e)
+    if not (_MASK_RE if mask else _CPULIST_RE).match(body):
+        log.warning("ignoring unparseable %s: %r", path, body[:40])
         return None
+    if mask:
+        return _parse_mask(path, body)
+    span = 0
+    for m in _CPULIST_ITEM_RE.finditer(body):
+        lo = _number(path, m.group(1), MAX_CPUS - 1)
+        hi = lo if m.group(2) is None else _number(path, m.group(2), MAX_CPUS - 1)
+        if m.group(3) is not None:
+            _number(path, m.group(3), MAX_CPUS - 1)
+        span += max(hi - lo + 1, 0)
+    if span > MAX_CPUS:
+        # The kernel's lists never overlap; this one would make CpuSet.parse() spin.
+        log.warning("ignoring %s: ranges overlap (%d CPUs listed)", path, span)
+        return None
+    try:
+        return CpuSet.parse(body)
+    except CpuSetError as e:
+        log.warning("ignoring unparseable %s: %s", path, str(e)[:100])
+        return None
+
+
+def _parse_mask(path: Path, body: str) -> CpuSet | None:
+    """A well-formed hex mask; TopologyError when it names a CPU at or beyond MAX_CPUS."""
+    if len(body) > _MAX_MASK_LEN:
+        raise TopologyError(path, f"mask of {len(body)} characters names CPUs beyond {MAX_CPUS - 1}")
+    groups = body.split(",")
+    try:
+        return CpuSet.from_mask(body)
+    except CpuSetError as e:
+        if len(groups) > 1 and len(groups[0]) > 8:  # not /proc's 32-bit groups: garbage
+            log.warning("ignoring unparseable %s: %s", path, str(e)[:100])
+            return None
+        raise TopologyError(path, f"mask names CPUs beyond {MAX_CPUS - 1}") from None
 
 
 def _first_cpus(directory: Path, *names: str) -> CpuSet | None:
@@ -344,7 +447,11 @@ def _cpu_dirs(cpu_dir: Path) -> list[int]:
     except OSError as e:
         log.warning("cannot list %s: %s", cpu_dir, e)
         return []
-    return sorted(int(m.group(1)) for p in entries if (m := _CPU_DIR_RE.match(p.name)) and p.is_dir())
+    found = []
+    for p in entries:
+        if (m := _CPU_DIR_RE.match(p.name)) and p.is_dir():
+            found.append(_number(p, m.group(1), MAX_CPUS - 1))
+    return sorted(found)
 
 
 def _cpu_online_flag(path: Path) -> bool:
@@ -365,17 +472,19 @@ def _read_nodes(node_dir: Path) -> dict[int, CpuSet]:
     for p in entries:
         m = _NODE_DIR_RE.match(p.name)
         if m and p.is_dir():
-            nodes[int(m.group(1))] = _first_cpus(p, "cpumap", "cpulist") or CpuSet()
+            nodes[_number(p, m.group(1), MAX_NODES - 1)] = _first_cpus(p, "cpumap", "cpulist") or CpuSet()
     return dict(sorted(nodes.items()))
 
 
-def _parse_size(text: str | None) -> int | None:
+def _parse_size(path: Path, text: str | None) -> int | None:
+    """A cache ``size`` (``32K``); None when absent or not a size, TopologyError when out of range."""
     if text is None:
         return None
     m = _SIZE_RE.match(text.strip())
     if not m:
         return None
-    return int(m.group(1)) << _SIZE_SHIFT[m.group(2).upper()]
+    shift = _SIZE_SHIFT[m.group(2).upper()]
+    return _number(path, m.group(1), MAX_CACHE_SIZE >> shift) << shift
 
 
 def _read_caches(cpu_path: Path, cpu: int, registry: dict[tuple[str, int, int], CpuSet]) -> tuple[Cache, ...]:
@@ -395,7 +504,7 @@ def _read_caches(cpu_path: Path, cpu: int, registry: dict[tuple[str, int, int], 
             cid = _synthetic_cache_id(registry, cpu, ctype, level)
         if not registry.get((ctype, level, cid)):
             registry[(ctype, level, cid)] = shared
-        size = _parse_size(_read(idx / "size"))
+        size = _parse_size(idx / "size", _read(idx / "size"))
         caches.append(Cache(level=level, type=ctype, size=size, shared_cpus=shared, id=cid))
     return tuple(caches)
 
@@ -417,7 +526,8 @@ def _read_legacy_caches(cpu_path: Path, cpu: int, registry: dict[tuple[str, int,
         cid = _synthetic_cache_id(registry, cpu, ctype, level)
         if not registry.get((ctype, level, cid)):
             registry[(ctype, level, cid)] = shared
-        caches.append(Cache(level=level, type=ctype, size=int(text), shared_cpus=shared, id=cid))
+        size = _number(cpu_path / f"{prefix}cache_size", text, MAX_CACHE_SIZE)
+        caches.append(Cache(level=level, type=ctype, size=size, shared_cpus=shared, id=cid))
     return tuple(caches)
 
 
@@ -433,14 +543,18 @@ def _synthetic_cache_id(registry: dict[tuple[str, int, int], CpuSet], cpu: int, 
     return idx
 
 
-def _cpu_types(cpuinfo: str, cpus: Iterable[int]) -> tuple[tuple[CpuType, ...], dict[int, int]]:
-    """Group CPUs into types the way lscpu does: one per cpuinfo block, then de-duplicated."""
+def _cpu_types(cpuinfo: str, cpus: Iterable[int], path: Path = CPUINFO) -> tuple[tuple[CpuType, ...], dict[int, int]]:
+    """Group CPUs into types the way lscpu does: one per cpuinfo block, then de-duplicated.
+
+    A processor number at or beyond MAX_CPUS, or more blocks than CPUs could have, is a
+    TopologyError naming ``path``.
+    """
     known = set(cpus)
     types: list[dict[str, str]] = []
     owner: dict[int, int] = {}
     cur_type: int | None = None
     cur_cpu: int | None = None
-    for raw in cpuinfo.splitlines():
+    for raw in io.StringIO(cpuinfo):  # line by line: no list of every line of a 16 MiB file
         name, sep, value = raw.strip().partition(":")
         value = value.strip()
         if not sep or not value:
@@ -448,17 +562,21 @@ def _cpu_types(cpuinfo: str, cpus: Iterable[int]) -> tuple[tuple[CpuType, ...], 
         key = name[:127].rstrip()
         keynum = None
         if m := _TRAILING_NUM_RE.search(key):
-            keynum = int(m.group(0))
+            keynum = _number(path, m.group(0), MAX_CPUS - 1)
             key = key[: m.start()].rstrip()
         if key in _PROCESSOR_KEYS:
             # s390 writes "processor 3: version = ...": the number is in the key.
-            cid = keynum if keynum is not None else (int(value) if value.isdigit() else 0)
+            # A number in ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+            cid = keynum if keynum is not None else \
+                (_number(path, value, MAX_CPUS - 1) if _DECIMAL_RE.match(value) else 0)
             if cur_cpu is not None and cur_type is not None:
                 owner[cur_cpu] = cur_type
             cur_cpu = cid if cid in known else None
         elif key in _TYPE_KEYS:
             member = _TYPE_KEYS[key]
             if cur_type is None or member in types[cur_type]:
+                if len(types) > MAX_CPUS:
+                    raise TopologyError(path, f"more than {MAX_CPUS} CPU descriptions")
                 types.append({})
                 cur_type = len(types) - 1
             types[cur_type][member] = value

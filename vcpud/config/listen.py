@@ -22,6 +22,12 @@ _PORT = re.compile(r"[0-9]{1,5}\Z")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
 
+def _quote(text: str, n: int = 40) -> str:
+    """A piece of the input for a message: repr(), cut to about ``n`` characters (a port of
+    5,000 digits is not worth echoing)."""
+    return repr(text) if len(text) <= n else repr(text[:n]) + f"... ({len(text)} characters)"
+
+
 @dataclass(frozen=True)
 class ListenAddress:
     """Where to listen: an IPv4 address, IPv6 address (no brackets) or host name, and a port."""
@@ -55,7 +61,7 @@ def parse_listen(text: str) -> ListenAddress | Literal["off"]:
         if not sep:
             raise ListenAddressError(f"expected {EXPECTED}")
     if not _PORT.match(port) or int(port) > 65535:
-        raise ListenAddressError(f"port {port!r} must be a number from 0 to 65535 (0: any free port)")
+        raise ListenAddressError(f"port {_quote(port)} must be a number from 0 to 65535 (0: any free port)")
     problem = _ipv6_problem(host) if spec.startswith("[") else _host_problem(host, int(port))
     if problem:
         raise ListenAddressError(problem)
@@ -66,7 +72,7 @@ def _ipv6_problem(host: str) -> str | None:
     try:
         ipaddress.IPv6Address(host)
     except ValueError:
-        return f"{host!r} in brackets is not an IPv6 address"
+        return f"{_quote(host)} in brackets is not an IPv6 address"
     return None
 
 
@@ -83,8 +89,11 @@ def _host_problem(host: str, port: int) -> str | None:
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
-            return f"{host!r} is not an IPv4 address"
+            return f"{_quote(host)} is not an IPv4 address"
         return None
-    if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
-        return f"{host!r} is not a host name or IP address"
+    if len(host) > 253:
+        return f"host name {_quote(host)} is longer than 253 characters"
+    if not all(_HOST_LABEL.match(label) for label in labels):
+        return (f"{_quote(host)} is not a host name or IP address (a host name is labels of 1 to 63 letters, "
+                "digits and inner hyphens, joined by dots)")
     return None
