@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+from . import bounded
 from .activity import Stats
 from .cpuset import CpuSet
 from .discovery import ExeCheck
@@ -211,8 +212,9 @@ class Daemon:
     # --- topology and rescans -----------------------------------------------------------
     def _online_now(self) -> CpuSet | None:
         try:
-            return CpuSet.parse((self.sysroot / "sys/devices/system/cpu/online").read_text().strip())
-        except (OSError, ValueError):
+            text = bounded.read_text(self.sysroot / "sys/devices/system/cpu/online", bounded.SYSFS_LIMIT)
+            return CpuSet.parse(text.strip())
+        except (OSError, ValueError):  # UnicodeDecodeError and CpuSetError are ValueErrors
             return None
 
     def _read_topology(self) -> Topology | None:
