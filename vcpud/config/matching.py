@@ -93,7 +93,9 @@ def count_range(ctx: Ctx, node: Node, key: str) -> tuple[int, int]:
             node, f"bad vCPU count {shorten(text)} for {key!r}{ctx.where}: out of range (max {MAX_VCPU_COUNT})", key
         )
     if lo < 1:
-        raise ctx.invalid(node, f"bad vCPU count {shorten(text)} for {key!r}{ctx.where}: a guest has at least 1 vCPU", key)
+        raise ctx.invalid(
+            node, f"bad vCPU count {shorten(text)} for {key!r}{ctx.where}: a guest has at least 1 vCPU", key
+        )
     if hi < lo:
         raise ctx.invalid(
             node, f"bad vCPU count range {shorten(text)} for {key!r}{ctx.where}: {lo} is more than {hi}", key

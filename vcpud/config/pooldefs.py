@@ -80,7 +80,9 @@ def pools(ctx: Ctx, node: Node, key: str) -> FrozenMap[str, PoolSpec]:
         path = f"{key}[{name}]"
         if not isinstance(vnode, MappingNode):
             example = '{cpus: "4-31", exclusive: true}'
-            batch.add(ctx.issue(vnode, f"pool {shorten(name)} must be a mapping like {example}, got {describe(vnode)}", path))
+            batch.add(ctx.issue(
+                vnode, f"pool {shorten(name)} must be a mapping like {example}, got {describe(vnode)}", path
+            ))
             continue
         own = Batch()
         entries = ctx.entries(vnode, path + ".{}", own)

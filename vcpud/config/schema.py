@@ -207,7 +207,9 @@ def policy(ctx: Ctx, node: MappingNode, number: int) -> Policy:
             first = ctx.policy_names.setdefault(name, pos)
             if first is not pos:
                 batch.add(
-                    ctx.issue(name_node, f"duplicate policy name {shorten(name)} (first at {first.file}:{first.line})", "name")
+                    ctx.issue(
+                        name_node, f"duplicate policy name {shorten(name)} (first at {first.file}:{first.line})", "name"
+                    )
                 )
     values = apply_schema(
         ctx, node, entries, POLICY_FIELDS, ctx.where, batch,

@@ -42,11 +42,11 @@ class _CountingLoader(yaml.SafeLoader):
 
     nodes = 0
 
-    def compose_node(self, parent: Node | None, index: object) -> Node | None:
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
         self.nodes += 1
         if self.nodes > MAX_NODES:
             raise _TooManyNodes(self.peek_event().start_mark)
-        node: Node | None = super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+        node: Node | None = super().compose_node(parent, index)
         return node
 
 
@@ -197,8 +197,9 @@ class Document:
 
 def compose(text: str, file: str) -> Document:
     """The node tree of ``text``; raise Invalid (one issue, positioned) if it is not YAML."""
-    loader = _CountingLoader(text)
+    loader: _CountingLoader | None = None
     try:
+        loader = _CountingLoader(text)  # checks the characters already
         doc = Document(file, loader.get_single_node())
     except _TooManyNodes as e:
         mark = e.mark
@@ -235,7 +236,8 @@ def compose(text: str, file: str) -> Document:
             return doc
         raise Invalid(too_big)
     finally:
-        loader.dispose()  # type: ignore[no-untyped-call]
+        if loader is not None:
+            loader.dispose()
     raise Invalid(ConfigIssue(pos, msg))
 
 
