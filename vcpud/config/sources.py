@@ -8,6 +8,7 @@ is read once.
 from __future__ import annotations
 
 import codecs
+import errno
 import glob
 import logging
 import os
@@ -121,4 +122,9 @@ def byte_position(data: bytes, offset: int) -> tuple[int, int]:
 
 
 def os_reason(e: Exception) -> str:
-    return getattr(e, "strerror", None) or str(e)
+    reason = getattr(e, "strerror", None) or str(e)
+    if isinstance(e, bounded.ReadError) and ": " in reason:
+        reason = reason.split(": ")[-1]  # ReadError's strerror starts with the path, shown already
+        if reason == "a directory":
+            reason = os.strerror(errno.EISDIR)
+    return reason
