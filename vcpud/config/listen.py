@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from ..cpuset import shorten
+
 OFF: Literal["off"] = "off"
 EXPECTED = 'HOST:PORT like "127.0.0.1:9474" or "[::1]:9474", or off'
 
@@ -55,7 +57,7 @@ def parse_listen(text: str) -> ListenAddress | Literal["off"]:
         if not sep:
             raise ListenAddressError(f"expected {EXPECTED}")
     if not _PORT.match(port) or int(port) > 65535:
-        raise ListenAddressError(f"port {port!r} must be a number from 0 to 65535 (0: any free port)")
+        raise ListenAddressError(f"port {shorten(port)} must be a number from 0 to 65535 (0: any free port)")
     problem = _ipv6_problem(host) if spec.startswith("[") else _host_problem(host, int(port))
     if problem:
         raise ListenAddressError(problem)

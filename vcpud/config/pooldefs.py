@@ -43,7 +43,7 @@ from .model import ON_EXHAUSTED_MODES, FrozenMap
 from .yamlpos import BOOL, NULL, TEXT_TAGS, Entry, describe
 
 # At most this many pools (each holds at least one CPU and they must not overlap; a host has
-# at most MAX_CPUS), and this many overlapping pools spelled out.
+# at most MAX_CPUS), and this many overlaps spelled out.
 MAX_POOLS = 1024
 MAX_OVERLAPS_SHOWN = 20
 
@@ -61,7 +61,8 @@ def pools(ctx: Ctx, node: Node, key: str) -> FrozenMap[str, PoolSpec]:
     out: dict[str, PoolSpec] = {}
     bits_of: dict[str, int] = {}  # every pool whose CPUs parse, bad or not otherwise, as a bitmask
     taken = 0  # the CPUs of all of them
-    overlapping = 0  # pools overlapping an earlier one
+    shown = 0  # overlaps reported
+    unreported = 0  # pools overlapping an earlier one in a way not reported
     first_unreported: Node | None = None
     first_at: dict[str, Node] = {}
     batch = Batch()
@@ -93,18 +94,23 @@ def pools(ctx: Ctx, node: Node, key: str) -> FrozenMap[str, PoolSpec]:
             cpus_node = next(e.vnode for e in entries if e.key == "cpus")
             bits = values["cpus"].bits()
             if bits & taken:
-                overlapping += 1
-                if overlapping <= MAX_OVERLAPS_SHOWN:
-                    for other, other_bits in bits_of.items():
-                        common = CpuSet.from_bits(other_bits & bits)
-                        if common:
-                            what = f"CPU {common}" if len(common) == 1 else f"CPUs {common}"
-                            batch.add(ctx.issue(
-                                cpus_node, f"pools {shorten(other)} and {shorten(name)} overlap on {what}",
-                                path + ".cpus",
-                            ))
-                elif first_unreported is None:
-                    first_unreported = cpus_node
+                complete = True
+                for other, other_bits in bits_of.items():
+                    common_bits = other_bits & bits
+                    if not common_bits:
+                        continue
+                    if shown >= MAX_OVERLAPS_SHOWN:
+                        complete = False
+                        break
+                    shown += 1
+                    common = CpuSet.from_bits(common_bits)
+                    what = f"CPU {common}" if len(common) == 1 else f"CPUs {common}"
+                    batch.add(ctx.issue(
+                        cpus_node, f"pools {shorten(other)} and {shorten(name)} overlap on {what}", path + ".cpus",
+                    ))
+                if not complete:
+                    unreported += 1
+                    first_unreported = first_unreported or cpus_node
             bits_of[name] = bits
             taken |= bits
         with batch.catch():
@@ -114,11 +120,10 @@ def pools(ctx: Ctx, node: Node, key: str) -> FrozenMap[str, PoolSpec]:
             ctx.pools[name] = spec
             out[name] = spec
     if first_unreported is not None:
-        more = overlapping - MAX_OVERLAPS_SHOWN
         batch.add(ctx.issue(
             first_unreported,
-            f"... and {more} more pool{'s' if more > 1 else ''} overlapping earlier ones "
-            f"(only the first {MAX_OVERLAPS_SHOWN} are listed), from here on",
+            f"... and {unreported} more pool{'s' if unreported > 1 else ''} overlapping earlier ones "
+            f"(only the first {MAX_OVERLAPS_SHOWN} overlaps are listed), from here on",
             key,
         ))
     batch.check()
