@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vcpud.config import ConfigError, load_config, parse_config_text
-from vcpud.config.loader import MAX_ISSUES
+from vcpud.config import loader
 from vcpud.cpuset import MAX_CPUS, CpuSet, CpuSetError
 
 BIG = "9" * 5000  # past Python's 4,300-digit int() limit
@@ -102,9 +102,9 @@ def test_overlapping_pools_are_near_linear_and_capped():
     assert e.issues[-1].message.startswith("... and 994 more pools overlapping earlier ones")
     # everything else is capped too: 1,000 unknown keys
     e = bounded_run("".join(f"k{i}: 0\n" for i in range(1000)))
-    assert e is not None and len(e.issues) == MAX_ISSUES + 1
-    more = 1000 - MAX_ISSUES
-    assert str(e.issues[-1]) == f"t.yaml:{MAX_ISSUES + 1}:1: ... and {more} more issues, from here on (not shown)"
+    assert e is not None and len(e.issues) == loader.MAX_ISSUES + 1
+    more = 1000 - loader.MAX_ISSUES
+    assert str(e.issues[-1]) == f"t.yaml:{loader.MAX_ISSUES + 1}:1: ... and {more} more issues, from here on (not shown)"
     # few pools: every pair, as before
     e = errors("pools:\n  a: {cpus: 0-3}\n  b: {cpus: 2-5}\n  c: {cpus: 5-7}\n")
     assert [i.message for i in e.issues] == [
