@@ -10,8 +10,8 @@ import re
 
 from yaml.nodes import MappingNode, Node
 
-from ..cpuset import CpuSet, CpuSetError
-from .fields import Ctx, scalar_text
+from ..cpuset import CpuSet, CpuSetError, shorten
+from .fields import MAX_CPUS_NAMED, Ctx, bounded_int, scalar_text
 from .issues import Batch
 from .model import FrozenMap
 from .yamlpos import INT, STR, describe
@@ -21,6 +21,8 @@ _DIGITS = re.compile(r"[0-9]+\Z")
 _QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 
 CPUS_EXPECTED = 'a CPU list like "0-3,8"'
+# vCPU ids are 32-bit in KVM; a larger index is a typo.
+MAX_VCPU_INDEX = 2**32 - 1
 
 
 def cpus(ctx: Ctx, node: Node, key: str, expected: str = CPUS_EXPECTED) -> CpuSet:
@@ -28,8 +30,21 @@ def cpus(ctx: Ctx, node: Node, key: str, expected: str = CPUS_EXPECTED) -> CpuSe
     try:
         found = CpuSet.parse(text)
     except CpuSetError as e:
-        detail = str(e).removesuffix(f" in {text.strip()!r}")
-        raise ctx.invalid(node, f"bad CPU list {text!r} for {key!r}{ctx.where}: {detail}", key) from None
+        detail = str(e).removesuffix(f" in {shorten(text.strip())}")
+        raise ctx.invalid(node, f"bad CPU list {shorten(text)} for {key!r}{ctx.where}: {detail}", key) from None
+    known = ctx.cpusets.get(found)
+    if known is not None:
+        found = known
+    else:
+        ctx.cpus_left -= len(found)
+        if ctx.cpus_left < 0:
+            raise ctx.invalid(
+                node,
+                f"{key!r}{ctx.where}: too many different CPU lists: together they name more than "
+                f"{MAX_CPUS_NAMED} CPUs",
+                key,
+            )
+        ctx.cpusets[found] = found
     if ctx.online is not None:
         missing = found - ctx.online
         if missing:
@@ -54,7 +69,13 @@ def vcpupin(ctx: Ctx, node: Node, key: str) -> FrozenMap[int, CpuSet]:
                 ctx.issue(knode, f"{key!r} keys must be vCPU indexes (integers from 0), got {describe(knode)}", key)
             )
             continue
-        index = int(text)
+        index = bounded_int(text, MAX_VCPU_INDEX)
+        if index is None:
+            batch.add(
+                ctx.issue(knode, f"vCPU index {shorten(text)} in {key!r}{ctx.where} is out of range "
+                                 f"(max {MAX_VCPU_INDEX})", key)
+            )
+            continue
         if index in first_at:  # `0:` and `"0":` are different YAML keys but the same vCPU
             first_line = first_at[index].start_mark.line + 1
             batch.add(ctx.issue(knode, f"duplicate vCPU {index} in {key!r} (first at line {first_line})", key))
@@ -78,7 +99,7 @@ def iothreadpin(ctx: Ctx, node: Node, key: str) -> tuple[CpuSet | None, FrozenMa
             batch.add(
                 ctx.issue(
                     knode,
-                    f"bad IO thread id {text!r} in {key!r}{ctx.where}: QEMU ids start with a letter, "
+                    f"bad IO thread id {shorten(text)} in {key!r}{ctx.where}: QEMU ids start with a letter, "
                     "then letters, digits, '-', '.' or '_'",
                     key,
                 )

@@ -14,10 +14,28 @@ from typing import Any
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from ..cpuset import CpuSet
+from ..cpuset import MAX_CPUS, CpuSet, shorten
 from ..pools import PoolSpec
 from .issues import Batch, ConfigIssue, Invalid, Position
 from .yamlpos import BOOL, NULL, SCALAR_TAGS, TEXT_TAGS, Document, Entry, describe, is_null
+
+
+# How many CPUs all distinct CPU lists of one config may name together: 128 different lists of
+# every CPU of the largest possible host; a config past that is not written by hand.
+MAX_CPUS_NAMED = 128 * MAX_CPUS
+
+
+def bounded_int(text: str, maximum: int) -> int | None:
+    """The value of the digit string ``text`` if it is at most ``maximum``, else None.
+
+    The length is checked before int(): config text can hold numbers of any length, and
+    int() refuses more than 4,300 digits with a ValueError.
+    """
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(maximum)):
+        return None
+    value = int(digits)
+    return value if value <= maximum else None
 
 
 class Ctx:
@@ -31,6 +49,11 @@ class Ctx:
         self.policy_names: dict[str, Position] = {}
         # Pools by name; None for a pool whose definition has errors (already reported).
         self.pools: dict[str, PoolSpec | None] = {}
+        # Every distinct CPU list parsed so far, so equal lists share one CpuSet, and how many
+        # more CPUs distinct lists may still name (bounds the memory of a hostile config).
+        self.cpusets: dict[CpuSet, CpuSet] = {}
+        self.cpus_left = MAX_CPUS_NAMED
+        self.policy_count = 0  # policies seen in all files so far, read or not
 
     def pos(self, node: Node) -> Position:
         return self.doc.pos(node)
@@ -144,7 +167,7 @@ def choice(options: tuple[str, ...]) -> Converter:
         if text not in options:
             raise ctx.invalid(
                 node,
-                f"bad value {text!r} for {key!r}{ctx.where}: expected one of {listed}{suggest(text, options)}",
+                f"bad value {shorten(text)} for {key!r}{ctx.where}: expected one of {listed}{suggest(text, options)}",
                 key,
             )
         return text
@@ -165,7 +188,7 @@ def text_list(ctx: Ctx, node: Node, key: str, expected: str) -> list[tuple[str, 
             if not text.strip():
                 raise ctx.invalid(item, f"{key!r} must not contain an empty entry", key)
             if "\0" in text:  # no path can hold one; os calls would raise ValueError
-                raise ctx.invalid(item, f"{key!r} entry {text!r} contains a NUL character", key)
+                raise ctx.invalid(item, f"{key!r} entry {shorten(text)} contains a NUL character", key)
             out.append((text, item))
     batch.check()
     return out

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+
 OFF: Literal["off"] = "off"
 EXPECTED = 'HOST:PORT like "127.0.0.1:9474" or "[::1]:9474", or off'
 

@@ -7,13 +7,16 @@ from collections.abc import Mapping
 
 from yaml.nodes import MappingNode, Node
 
-from .fields import Ctx, Field, apply_schema, scalar_text
+from ..cpuset import shorten
+from .fields import Ctx, Field, apply_schema, bounded_int, scalar_text
 from .issues import Batch
 from .model import Match
 from .yamlpos import describe
 
 # Largest uid the kernel hands out; (uid_t)-1 means "no uid".
 MAX_UID = 2**32 - 2
+# vCPU ids are 32-bit in KVM; a larger count is a typo.
+MAX_VCPU_COUNT = 2**32 - 1
 
 _DIGITS = re.compile(r"[0-9]+\Z")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
@@ -43,7 +46,7 @@ def glob(ctx: Ctx, node: Node, key: str) -> str:
 def uuid(ctx: Ctx, node: Node, key: str) -> str:
     text = scalar_text(ctx, node, key, "a UUID")
     if not _UUID.match(text.strip()):
-        raise ctx.invalid(node, f"bad UUID {text!r} for {key!r}{ctx.where}: expected 8-4-4-4-12 hex digits", key)
+        raise ctx.invalid(node, f"bad UUID {shorten(text)} for {key!r}{ctx.where}: expected 8-4-4-4-12 hex digits", key)
     return text.strip().lower()
 
 
@@ -53,21 +56,23 @@ def regex(ctx: Ctx, node: Node, key: str) -> re.Pattern[str]:
         return re.compile(text)
     except re.error as e:
         where = f" at position {e.pos}" if e.pos is not None else ""
-        message = f"invalid regex {text!r} for {key!r}{ctx.where}: {e.msg}{where}"
+        message = f"invalid regex {shorten(text)} for {key!r}{ctx.where}: {e.msg}{where}"
     except (RecursionError, OverflowError):
-        message = f"invalid regex {text!r} for {key!r}{ctx.where}: too complex"
+        message = f"invalid regex {shorten(text)} for {key!r}{ctx.where}: too complex"
     raise ctx.invalid(node, message, key)
 
 
 def user(ctx: Ctx, node: Node, key: str) -> str:
     text = scalar_text(ctx, node, key, "a user name or uid").strip()
     if _DIGITS.match(text):
-        if int(text) > MAX_UID:
-            raise ctx.invalid(node, f"uid {text} for {key!r}{ctx.where} is out of range (max {MAX_UID})", key)
-        return str(int(text))
+        uid = bounded_int(text, MAX_UID)
+        if uid is None:
+            shown = text if len(text) <= 40 else shorten(text)
+            raise ctx.invalid(node, f"uid {shown} for {key!r}{ctx.where} is out of range (max {MAX_UID})", key)
+        return str(uid)
     if not _USER_NAME.match(text):
         raise ctx.invalid(
-            node, f"bad user {text!r} for {key!r}{ctx.where}: expected a user name or a numeric uid", key
+            node, f"bad user {shorten(text)} for {key!r}{ctx.where}: expected a user name or a numeric uid", key
         )
     return text
 
@@ -78,16 +83,22 @@ def count_range(ctx: Ctx, node: Node, key: str) -> tuple[int, int]:
     if not m:
         raise ctx.invalid(
             node,
-            f"bad vCPU count {text!r} for {key!r}{ctx.where}: expected a count like 4 or a range like \"4-16\"",
+            f"bad vCPU count {shorten(text)} for {key!r}{ctx.where}: expected a count like 4 or a range like \"4-16\"",
             key,
         )
-    lo = int(m.group(1))
-    hi = int(m.group(2)) if m.group(2) is not None else lo
+    lo = bounded_int(m.group(1), MAX_VCPU_COUNT)
+    hi = bounded_int(m.group(2), MAX_VCPU_COUNT) if m.group(2) is not None else lo
+    if lo is None or hi is None:
+        raise ctx.invalid(
+            node, f"bad vCPU count {shorten(text)} for {key!r}{ctx.where}: out of range (max {MAX_VCPU_COUNT})", key
+        )
     if lo < 1:
-        raise ctx.invalid(node, f"bad vCPU count {text!r} for {key!r}{ctx.where}: a guest has at least 1 vCPU", key)
+        raise ctx.invalid(
+            node, f"bad vCPU count {shorten(text)} for {key!r}{ctx.where}: a guest has at least 1 vCPU", key
+        )
     if hi < lo:
         raise ctx.invalid(
-            node, f"bad vCPU count range {text!r} for {key!r}{ctx.where}: {lo} is more than {hi}", key
+            node, f"bad vCPU count range {shorten(text)} for {key!r}{ctx.where}: {lo} is more than {hi}", key
         )
     return (lo, hi)
 

@@ -34,13 +34,18 @@ from typing import Any, NamedTuple
 
 from yaml.nodes import MappingNode, Node
 
-from ..cpuset import CpuSet
+from ..cpuset import CpuSet, shorten
 from ..pools import CACHE_MODES, NUMA_MODES, SMT_MODES, PlacementRule, PoolSpec
 from .cpus import cpus
 from .fields import Ctx, Field, apply_schema, boolean, choice, scalar_text, suggest
 from .issues import Batch, Invalid
 from .model import ON_EXHAUSTED_MODES, FrozenMap
 from .yamlpos import BOOL, NULL, TEXT_TAGS, Entry, describe
+
+# At most this many pools (each holds at least one CPU and they must not overlap; a host has
+# at most MAX_CPUS), and this many overlaps spelled out.
+MAX_POOLS = 1024
+MAX_OVERLAPS_SHOWN = 20
 
 
 def pools(ctx: Ctx, node: Node, key: str) -> FrozenMap[str, PoolSpec]:
@@ -51,8 +56,14 @@ def pools(ctx: Ctx, node: Node, key: str) -> FrozenMap[str, PoolSpec]:
             f"{key!r} must be a mapping of pool name to {{cpus: LIST, exclusive: BOOL}}, got {describe(node)}",
             key,
         )
+    if len(node.value) > MAX_POOLS:
+        raise ctx.invalid(node, f"{key!r} defines {len(node.value)} pools: at most {MAX_POOLS} are allowed", key)
     out: dict[str, PoolSpec] = {}
-    cpus_of: dict[str, CpuSet] = {}  # every pool whose CPUs parse, bad or not otherwise
+    bits_of: dict[str, int] = {}  # every pool whose CPUs parse, bad or not otherwise, as a bitmask
+    taken = 0  # the CPUs of all of them
+    shown = 0  # overlaps reported
+    unreported = 0  # pools overlapping an earlier one in a way not reported
+    first_unreported: Node | None = None
     first_at: dict[str, Node] = {}
     batch = Batch()
     for _, knode, vnode in ctx.entries(node, key + "[{}]", batch):
@@ -63,32 +74,58 @@ def pools(ctx: Ctx, node: Node, key: str) -> FrozenMap[str, PoolSpec]:
             continue
         if name in first_at:  # `1:` and `"1":` are different YAML keys but the same name
             first_line = first_at[name].start_mark.line + 1
-            batch.add(ctx.issue(knode, f"duplicate pool {name!r} (first at line {first_line})", key))
+            batch.add(ctx.issue(knode, f"duplicate pool {shorten(name)} (first at line {first_line})", key))
             continue
         first_at[name] = knode
         ctx.pools[name] = None  # known, so references to it are not "unknown"
         path = f"{key}[{name}]"
         if not isinstance(vnode, MappingNode):
             example = '{cpus: "4-31", exclusive: true}'
-            batch.add(ctx.issue(vnode, f"pool {name!r} must be a mapping like {example}, got {describe(vnode)}", path))
+            batch.add(ctx.issue(
+                vnode, f"pool {shorten(name)} must be a mapping like {example}, got {describe(vnode)}", path
+            ))
             continue
         own = Batch()
         entries = ctx.entries(vnode, path + ".{}", own)
-        values = apply_schema(ctx, vnode, entries, POOL_FIELDS, f" in pool {name!r}", own, prefix=path + ".")
+        values = apply_schema(ctx, vnode, entries, POOL_FIELDS, f" in pool {shorten(name)}", own, prefix=path + ".")
         if "cpus" in values:  # overlaps are checked even if another key of the pool is wrong
+            # Bitmasks against the union of the pools so far: linear in the pools, and only a
+            # few overlaps are spelled out (1,000 pools on the same CPUs are 499,500 pairs).
             cpus_node = next(e.vnode for e in entries if e.key == "cpus")
-            for other, other_cpus in cpus_of.items():
-                common = other_cpus & values["cpus"]
-                if common:
+            bits = values["cpus"].bits()
+            if bits & taken:
+                complete = True
+                for other, other_bits in bits_of.items():
+                    common_bits = other_bits & bits
+                    if not common_bits:
+                        continue
+                    if shown >= MAX_OVERLAPS_SHOWN:
+                        complete = False
+                        break
+                    shown += 1
+                    common = CpuSet.from_bits(common_bits)
                     what = f"CPU {common}" if len(common) == 1 else f"CPUs {common}"
-                    batch.add(ctx.issue(cpus_node, f"pools {other!r} and {name!r} overlap on {what}", path + ".cpus"))
-            cpus_of[name] = values["cpus"]
+                    batch.add(ctx.issue(
+                        cpus_node, f"pools {shorten(other)} and {shorten(name)} overlap on {what}", path + ".cpus",
+                    ))
+                if not complete:
+                    unreported += 1
+                    first_unreported = first_unreported or cpus_node
+            bits_of[name] = bits
+            taken |= bits
         with batch.catch():
             own.check()
             # Kept even when overlapping: the policies naming it are checked as usual.
             spec = PoolSpec(name=name, **values)
             ctx.pools[name] = spec
             out[name] = spec
+    if first_unreported is not None:
+        batch.add(ctx.issue(
+            first_unreported,
+            f"... and {unreported} more pool{'s' if unreported > 1 else ''} overlapping earlier ones "
+            f"(only the first {MAX_OVERLAPS_SHOWN} overlaps are listed), from here on",
+            key,
+        ))
     batch.check()
     return FrozenMap(out)
 
@@ -100,10 +137,10 @@ def _pool_name(ctx: Ctx, knode: Node, key: str) -> str:
         raise Invalid()  # an unsupported tag, reported with the file's tags
     text: str = knode.value
     if not text.strip() or not text.isprintable():
-        raise ctx.invalid(knode, f"pool name {text!r} in {key!r} must be non-empty printable text", key)
+        raise ctx.invalid(knode, f"pool name {shorten(text)} in {key!r} must be non-empty printable text", key)
     if text in ON_EXHAUSTED_MODES:
         raise ctx.invalid(
-            knode, f"{text!r} cannot be a pool name: 'on_exhausted: {text}' means something else", key
+            knode, f"{shorten(text)} cannot be a pool name: 'on_exhausted: {text}' means something else", key
         )
     return text
 
@@ -115,7 +152,7 @@ def _unknown_pool(
     hint = suggest(text, [*names, *extra])
     if not hint and not names:
         hint = " (no pools are defined: add them under the top-level 'pools')"
-    return ctx.invalid(node, f"unknown pool {text!r} for {key!r}{ctx.where}{expected}{hint}", key)
+    return ctx.invalid(node, f"unknown pool {shorten(text)} for {key!r}{ctx.where}{expected}{hint}", key)
 
 
 def pool_ref(ctx: Ctx, node: Node, key: str) -> str:
@@ -150,7 +187,7 @@ def vcpus(ctx: Ctx, node: Node, key: str) -> tuple[CpuSet | None, PlacementRule 
                 ctx.issue(
                     knode,
                     f"'{key}.{text}'{ctx.where}: smt/numa/cache only apply to an exclusive pool; "
-                    f"pool {name!r} is not exclusive, its vCPUs float over all of its CPUs",
+                    f"pool {shorten(name)} is not exclusive, its vCPUs float over all of its CPUs",
                     f"{key}.{text}",
                 )
             )
@@ -187,7 +224,7 @@ def emulatorpin(ctx: Ctx, node: Node, key: str) -> Emulator:
         if spec.exclusive:
             raise ctx.invalid(
                 given["pool"].vnode,
-                f"pool {name!r} for '{key}.pool'{ctx.where} is exclusive: its CPUs are for vCPUs only; "
+                f"pool {shorten(name)} for '{key}.pool'{ctx.where} is exclusive: its CPUs are for vCPUs only; "
                 f"use '{key}: {{isolate: true}}' for a dedicated emulator CPU from the vcpus pool",
                 key + ".pool",
             )
@@ -210,7 +247,7 @@ def on_exhausted(ctx: Ctx, node: Node, key: str) -> str:
     if spec.exclusive:
         raise ctx.invalid(
             node,
-            f"{key!r}{ctx.where} names exclusive pool {text!r}: a VM waiting for dedicated CPUs can only "
+            f"{key!r}{ctx.where} names exclusive pool {shorten(text)}: a VM waiting for dedicated CPUs can only "
             "float over a non-exclusive pool (or use 'leave' or 'fail')",
             key,
         )

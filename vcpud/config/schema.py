@@ -36,6 +36,7 @@ from typing import Any
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from ..cpuset import shorten
 from . import listen as listen_grammar
 from .cpus import cpus, iothreadpin, vcpupin
 from .fields import Ctx, Field, apply_schema, scalar_text, text_list
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 
 # Longer waits overflow some timer APIs and are surely a typo anyway.
 MAX_RESCAN_INTERVAL = 86400.0
+# Shorter ones would make the daemon rescan /proc in a busy loop.
+MIN_RESCAN_INTERVAL = 0.1
+# Policies in all files together: far more than VMs a host runs; bounds the work of a load.
+MAX_POLICIES = 10_000
 
 _DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?\s*\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -83,7 +88,7 @@ def parse_file(ctx: Ctx, text: str, shown: str, included: bool, batch: Batch) ->
 def executables(ctx: Ctx, node: Node, key: str) -> tuple[str, ...]:
     items = text_list(ctx, node, key, "an absolute path or glob, or a list of them")
     bad = [
-        ctx.issue(item, f"executable {text!r} in {key!r} must be an absolute path (globs allowed)", key)
+        ctx.issue(item, f"executable {shorten(text)} in {key!r} must be an absolute path (globs allowed)", key)
         for text, item in items
         if not text.startswith("/")
     ]
@@ -102,15 +107,22 @@ def duration(ctx: Ctx, node: Node, key: str) -> float:
     if not m:
         raise ctx.invalid(
             node,
-            f"bad duration {text!r} for {key!r}: expected seconds like 10 or a number with "
+            f"bad duration {shorten(text)} for {key!r}: expected seconds like 10 or a number with "
             'a unit ms, s, m or h like "500ms" or "2m"',
             key,
         )
     seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     if seconds <= 0:
-        raise ctx.invalid(node, f"{key!r} must be more than zero, got {text!r}", key)
+        raise ctx.invalid(node, f"{key!r} must be more than zero, got {shorten(text)}", key)
+    if seconds < MIN_RESCAN_INTERVAL:
+        raise ctx.invalid(
+            node,
+            f"{key!r} must be at least {MIN_RESCAN_INTERVAL * 1000:g}ms (shorter rescans only burn CPU), "
+            f"got {shorten(text)}",
+            key,
+        )
     if seconds > MAX_RESCAN_INTERVAL:
-        raise ctx.invalid(node, f"{key!r} must be at most {MAX_RESCAN_INTERVAL:g}s (a day), got {text!r}", key)
+        raise ctx.invalid(node, f"{key!r} must be at most {MAX_RESCAN_INTERVAL:g}s (a day), got {shorten(text)}", key)
     return seconds
 
 
@@ -134,17 +146,17 @@ def listen(ctx: Ctx, node: Node, key: str) -> str:
     try:
         return str(listen_grammar.parse_listen(text))
     except listen_grammar.ListenAddressError as e:
-        raise ctx.invalid(node, f"bad listen address {text!r} for {key!r}: {e}", key) from None
+        raise ctx.invalid(node, f"bad listen address {shorten(text)} for {key!r}: {e}", key) from None
 
 
 def state_file(ctx: Ctx, node: Node, key: str) -> Path:
     text = scalar_text(ctx, node, key, "an absolute file path")
     if "\0" in text:
-        raise ctx.invalid(node, f"{key!r} {text!r} contains a NUL character", key)
+        raise ctx.invalid(node, f"{key!r} {shorten(text)} contains a NUL character", key)
     if not text.startswith("/"):
-        raise ctx.invalid(node, f"{key!r} must be an absolute path, got {text!r}", key)
+        raise ctx.invalid(node, f"{key!r} must be an absolute path, got {shorten(text)}", key)
     if text.endswith("/"):
-        raise ctx.invalid(node, f"{key!r} must name a file, not a directory, got {text!r}", key)
+        raise ctx.invalid(node, f"{key!r} must name a file, not a directory, got {shorten(text)}", key)
     return Path(text)
 
 
@@ -158,6 +170,15 @@ def policies(ctx: Ctx, node: Node, key: str) -> list[Policy]:
     out: list[Policy] = []
     batch = Batch()
     for number, item in enumerate(node.value, 1):
+        ctx.policy_count += 1
+        if ctx.policy_count > MAX_POLICIES:
+            batch.add(ctx.issue(
+                item,
+                f"too many policies: at most {MAX_POLICIES} are allowed in all config files together; "
+                "this one and the rest are not read",
+                key,
+            ))
+            break
         if not isinstance(item, MappingNode):
             batch.add(ctx.issue(item, f"policy #{number} in {key!r} must be a mapping, got {describe(item)}", key))
             continue
@@ -180,13 +201,15 @@ def policy(ctx: Ctx, node: MappingNode, number: int) -> Policy:
     if name_node is not None:
         with batch.catch():
             name = policy_name(ctx, name_node, "name")
-            ctx.label = f"policy {name!r}"
+            ctx.label = f"policy {shorten(name)}"
             ctx.where = f" in {ctx.label}"
             pos = ctx.pos(name_node)
             first = ctx.policy_names.setdefault(name, pos)
             if first is not pos:
                 batch.add(
-                    ctx.issue(name_node, f"duplicate policy name {name!r} (first at {first.file}:{first.line})", "name")
+                    ctx.issue(
+                        name_node, f"duplicate policy name {shorten(name)} (first at {first.file}:{first.line})", "name"
+                    )
                 )
     values = apply_schema(
         ctx, node, entries, POLICY_FIELDS, ctx.where, batch,
@@ -211,7 +234,7 @@ def policy(ctx: Ctx, node: MappingNode, number: int) -> Policy:
 def policy_name(ctx: Ctx, node: Node, key: str) -> str:
     text = scalar_text(ctx, node, key, "a name (text)")
     if not text.strip() or not text.isprintable():
-        raise ctx.invalid(node, f"policy name {text!r} must be non-empty printable text", key)
+        raise ctx.invalid(node, f"policy name {shorten(text)} must be non-empty printable text", key)
     return text
 
 

@@ -8,6 +8,7 @@ is read once.
 from __future__ import annotations
 
 import codecs
+import errno
 import glob
 import logging
 import os
@@ -15,17 +16,23 @@ from pathlib import Path
 
 from yaml.nodes import Node
 
+from .. import bounded
+from ..cpuset import shorten
 from .issues import Batch, ConfigIssue, Invalid, Position
 from .yamlpos import Document
 
 log = logging.getLogger(__name__)
+
+# Files the includes of one config may read; each file is at most bounded.CONFIG_LIMIT bytes.
+MAX_INCLUDED_FILES = 256
 
 
 def read_main(path: Path) -> str:
     """The text of the main config file; raise Invalid if it cannot be read or decoded."""
     shown = str(path)
     try:
-        data = path.read_bytes()
+        # Only a regular file of bounded size: a FIFO would hang, /dev/zero would fill memory.
+        data = bounded.read_bytes(path, bounded.CONFIG_LIMIT)
     except (OSError, ValueError) as e:  # ValueError: a NUL in the path
         raise Invalid(ConfigIssue(Position(shown, 1, 1), f"cannot read config file: {os_reason(e)}")) from None
     try:
@@ -45,6 +52,7 @@ def read_includes(
     Problems go to ``batch``, positioned at the glob; ``seen`` (real paths) gains the files read.
     """
     out: list[tuple[str, str]] = []
+    read = 0
     for pattern, node in includes:
         if base_dir is None:
             batch.add(doc.issue(node, "'include' cannot be resolved here: no base directory", "include"))
@@ -52,10 +60,10 @@ def read_includes(
         try:
             found = sorted(glob.glob(pattern, root_dir=base_dir))
         except (OSError, ValueError) as e:
-            batch.add(doc.issue(node, f"cannot expand include {pattern!r}: {os_reason(e)}", "include"))
+            batch.add(doc.issue(node, f"cannot expand include {shorten(pattern)}: {os_reason(e)}", "include"))
             continue
         if not found:
-            batch.add(doc.issue(node, f"include {pattern!r} matches no file", "include"))
+            batch.add(doc.issue(node, f"include {shorten(pattern)} matches no file", "include"))
             continue
         for rel in found:
             path = Path(base_dir, rel)  # an absolute pattern yields absolute matches
@@ -65,6 +73,15 @@ def read_includes(
                 log.debug("%s: %s is already read, skipping it", doc.file, shown)
                 continue
             seen.add(real)
+            read += 1
+            if read > MAX_INCLUDED_FILES:
+                batch.add(doc.issue(
+                    node,
+                    f"include {shorten(pattern)}: more than {MAX_INCLUDED_FILES} included files; "
+                    f"{shown!r} and the rest are not read",
+                    "include",
+                ))
+                return out
             with batch.catch():
                 out.append((shown, _read_included(doc, node, path)))
     return out
@@ -73,8 +90,8 @@ def read_includes(
 def _read_included(doc: Document, node: Node, path: Path) -> str:
     shown = str(path)
     try:
-        data = path.read_bytes()
-    except OSError as e:
+        data = bounded.read_bytes(path, bounded.CONFIG_LIMIT)
+    except (OSError, ValueError) as e:
         raise Invalid(doc.issue(node, f"cannot read included file {shown!r}: {os_reason(e)}", "include")) from None
     try:
         return decode(data)
@@ -105,4 +122,9 @@ def byte_position(data: bytes, offset: int) -> tuple[int, int]:
 
 
 def os_reason(e: Exception) -> str:
-    return getattr(e, "strerror", None) or str(e)
+    reason = getattr(e, "strerror", None) or str(e)
+    if isinstance(e, bounded.ReadError) and ": " in reason:
+        reason = reason.split(": ")[-1]  # ReadError's strerror starts with the path, shown already
+        if reason == "a directory":
+            reason = os.strerror(errno.EISDIR)
+    return reason

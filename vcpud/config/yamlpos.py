@@ -23,6 +23,33 @@ TEXT_TAGS = frozenset({STR, INT, FLOAT, TIMESTAMP, VALUE, MERGE})
 SCALAR_TAGS = TEXT_TAGS | {BOOL, NULL}
 
 
+# Bounds on one file's YAML: nodes as written (the pure-Python composer takes ~30 us and ~600
+# bytes a node), and nodes and scalar characters once every alias is expanded (what the schema
+# walk and its messages can cost; an alias bomb is small as written).
+MAX_NODES = 100_000
+MAX_EXPANDED_NODES = 200_000
+MAX_EXPANDED_CHARS = 4 << 20
+
+
+class _TooManyNodes(Exception):
+    def __init__(self, mark: yaml.Mark | None) -> None:
+        super().__init__()
+        self.mark = mark
+
+
+class _CountingLoader(yaml.SafeLoader):
+    """The safe loader's composer, refusing a document of more than MAX_NODES nodes."""
+
+    nodes = 0
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _TooManyNodes(self.peek_event().start_mark)
+        node: Node | None = super().compose_node(parent, index)
+        return node
+
+
 class Entry(NamedTuple):
     """One key of a mapping: its text, the key node and the value node."""
 
@@ -70,6 +97,44 @@ class Document:
             if not ok:
                 out.append(self.issue(node, f"unsupported YAML tag {short_tag(node.tag)!r}"))
         return out
+
+    def expansion_issue(self) -> ConfigIssue | None:
+        """An issue if the document, every alias expanded, exceeds MAX_EXPANDED_NODES or _CHARS.
+
+        Aliases share nodes, so the sizes are computed once per node (children first, without
+        recursion); an alias back into its own ancestors counts as one node.
+        """
+        if self.root is None:
+            return None
+        size: dict[int, tuple[int, int]] = {}  # id -> (nodes, characters) expanded
+        on_path: set[int] = set()
+        stack: list[tuple[Node, bool]] = [(self.root, False)]
+        while stack:
+            node, done = stack.pop()
+            key = id(node)
+            if done:
+                nodes, chars = 1, 0
+                for child in _children(node):
+                    n, c = size.get(id(child), (1, 0))  # absent: a cycle back to an ancestor
+                    nodes, chars = nodes + n, chars + c
+                on_path.discard(key)
+                size[key] = (min(nodes, MAX_EXPANDED_NODES + 1), min(chars, MAX_EXPANDED_CHARS + 1))
+                if nodes > MAX_EXPANDED_NODES or chars > MAX_EXPANDED_CHARS:
+                    return self.issue(
+                        node,
+                        f"aliases expand this to more than {MAX_EXPANDED_NODES} values or "
+                        f"{MAX_EXPANDED_CHARS} characters (an alias bomb?)",
+                    )
+                continue
+            if key in size or key in on_path:
+                continue
+            if isinstance(node, ScalarNode):
+                size[key] = (1, len(node.value))
+                continue
+            on_path.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node) if id(child) not in size)
+        return None
 
     def entries(self, node: MappingNode, path: str = "{}") -> tuple[list[Entry], list[ConfigIssue]]:
         """The entries of a mapping, merge keys applied, and the issues found on the way.
@@ -132,8 +197,14 @@ class Document:
 
 def compose(text: str, file: str) -> Document:
     """The node tree of ``text``; raise Invalid (one issue, positioned) if it is not YAML."""
+    loader: _CountingLoader | None = None
     try:
-        return Document(file, yaml.compose(text, Loader=yaml.SafeLoader))
+        loader = _CountingLoader(text)  # checks the characters already
+        doc = Document(file, loader.get_single_node())
+    except _TooManyNodes as e:
+        mark = e.mark
+        msg = f"too much YAML: more than {MAX_NODES} values in one file"
+        pos = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         # PyYAML's own order: "while parsing X at line N, expected Y, but found Z".
@@ -159,7 +230,23 @@ def compose(text: str, file: str) -> Document:
         msg, pos = f"invalid YAML: {e}", Position(file, 1, 1)
     except RecursionError:
         msg, pos = "invalid YAML: nested too deeply", Position(file, 1, 1)
+    else:
+        too_big = doc.expansion_issue()
+        if too_big is None:
+            return doc
+        raise Invalid(too_big)
+    finally:
+        if loader is not None:
+            loader.dispose()
     raise Invalid(ConfigIssue(pos, msg))
+
+
+def _children(node: Node) -> list[Node]:
+    if isinstance(node, SequenceNode):
+        return list(node.value)
+    if isinstance(node, MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
 
 
 def is_null(node: Node) -> bool:

@@ -123,14 +123,16 @@ def test_include_permission_denied(tmp_path, monkeypatch):
     main = write(tmp_path / "vcpud.yaml", "include: p.yaml\n")
     p = write(tmp_path / "p.yaml", "policies: []\n")
     if os.geteuid() == 0:  # root reads files whatever their mode
-        real_read = Path.read_bytes
+        import vcpud.bounded
 
-        def read_bytes(self: Path) -> bytes:
-            if self == p:
-                raise PermissionError(13, "Permission denied", str(self))
-            return real_read(self)
+        real_read = vcpud.bounded.read_bytes
 
-        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+        def read_bytes(path: Path, limit: int) -> bytes:
+            if Path(path) == p:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_read(path, limit)
+
+        monkeypatch.setattr(vcpud.bounded, "read_bytes", read_bytes)
     else:
         p.chmod(0)
     with pytest.raises(ConfigError) as ei:
