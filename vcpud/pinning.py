@@ -8,10 +8,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .cpuset import CpuSet
 from .placement import Assignment
+
+if TYPE_CHECKING:
+    from .discovery import VM
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +23,23 @@ class AffinityOps(Protocol):
     def get(self, tid: int) -> CpuSet: ...
 
     def set(self, pid: int, tid: int, cpus: CpuSet) -> None: ...
+
+
+class Router(Protocol):
+    """Which actuator pins a VM's threads: sched_setaffinity, or the VM's owner (libvirt's API,
+    its cgroup) where one confines them. Asked before every pin; cheap when nothing changed."""
+
+    def ops_for(self, vm: "VM") -> AffinityOps: ...
+
+
+class Direct:
+    """Every VM's threads through one actuator (sched_setaffinity by default)."""
+
+    def __init__(self, ops: AffinityOps) -> None:
+        self.ops = ops
+
+    def ops_for(self, vm: "VM") -> AffinityOps:
+        return self.ops
 
 
 class Outcome(str, enum.Enum):

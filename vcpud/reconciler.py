@@ -17,7 +17,7 @@ from .activity import Stats, sample_vcpu_time
 from .cpuset import CpuSet
 from .discovery import VM, ExeCheck, Role, Scan, classify_new_thread, scan, verify_executable
 from .holdings import Ledger, StateStore
-from .pinning import AffinityOps, Outcome, PinResult, pin_one
+from .pinning import AffinityOps, Direct, Outcome, PinResult, Router, pin_one
 from .placement import Assignment, PoolDecision, VMPlan, arrival_order, assign, plan_vm
 from .pools import Allocation
 from .procfs import Procfs, Vanished
@@ -110,12 +110,13 @@ class Reconciler:
     def __init__(self, config: "Config", online: CpuSet, procfs: Procfs, actuator: AffinityOps,
                  store: StateStore, topology: "Topology | None" = None,
                  clock: Callable[[], float] = time.monotonic, stats: Stats | None = None,
-                 dry_run: bool = False, exe_check: ExeCheck | None = None) -> None:
+                 dry_run: bool = False, exe_check: ExeCheck | None = None, router: Router | None = None) -> None:
         self.config = config
         self.online = online
         self.topology = topology
         self.procfs = procfs
         self.actuator = actuator
+        self.router: Router = router if router is not None else Direct(actuator)
         self.ledger = Ledger(store, dry_run)
         self.clock = clock
         self.stats = stats if stats is not None else Stats()
@@ -389,7 +390,7 @@ class Reconciler:
             self.stats.latency_hist.observe(_since(event_ns))
 
     def _pin(self, st: VMState, a: Assignment, event_ns: int = 0) -> PinResult:
-        r = pin_one(a, self.actuator, self.dry_run)
+        r = pin_one(a, self.router.ops_for(st.vm), self.dry_run)
         self.stats.pins[r.outcome] += 1
         self.changed = True
         vm, policy = st.vm, st.policy.name if st.policy else None
