@@ -15,7 +15,7 @@ import pwd
 import re
 import stat
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Iterable, Iterator, Mapping, Protocol, Sequence
 
 from .cpuset import CpuSet
 from .procfs import PF_KTHREAD, PF_USER_WORKER, ProcessSnapshot, Procfs, ThreadSnapshot, Vanished
@@ -136,6 +136,9 @@ class Scan:
     vanished: int = 0  # processes and threads that went away while being read
     errors: tuple[str, ...] = ()
     unreadable: int = 0  # processes whose executable we may not read
+    # qemu processes started with -daemonize that show no guest yet (no vCPU thread, no KVM VM
+    # fd): the parents it forks through while daemonizing never will, the daemon soon will
+    starting: tuple[int, ...] = ()
 
 
 # --- qemu command line --------------------------------------------------------------
@@ -171,9 +174,8 @@ no-kvm-pit-reinjection no-kvm-irqchip old-param xen-attach portrait
 """.split())
 
 
-def option_values(cmdline: Sequence[str], opt: str) -> list[str]:
-    """Values of ``-opt VALUE`` / ``--opt VALUE`` / ``-opt=VALUE`` in argv order."""
-    vals: list[str] = []
+def options(cmdline: Sequence[str]) -> Iterator[tuple[str, str | None]]:
+    """Every option of a qemu argv in order: (name without dashes, its value or None)."""
     i = 1
     while i < len(cmdline):
         a = cmdline[i]
@@ -182,15 +184,22 @@ def option_values(cmdline: Sequence[str], opt: str) -> list[str]:
             continue  # a stray positional (qemu's legacy disk image argument)
         name, eq, inline = a.lstrip("-").partition("=")
         if eq:
-            value: str | None = inline
+            yield name, inline
         elif name in _NO_ARG:
-            continue
-        else:
-            value = cmdline[i] if i < len(cmdline) else None
+            yield name, None
+        elif i < len(cmdline):
+            yield name, cmdline[i]
             i += 1
-        if name == opt and value is not None:
-            vals.append(value)
-    return vals
+
+
+def option_values(cmdline: Sequence[str], opt: str) -> list[str]:
+    """Values of ``-opt VALUE`` / ``--opt VALUE`` / ``-opt=VALUE`` in argv order."""
+    return [v for name, v in options(cmdline) if name == opt and v is not None]
+
+
+def daemonizes(cmdline: Sequence[str]) -> bool:
+    """Whether qemu was told to ``-daemonize`` (fork, setsid, fork again; the parents exit)."""
+    return any(name == "daemonize" for name, _ in options(cmdline))
 
 
 def parse_opts(text: str, implied: str) -> dict[str, str]:
@@ -269,9 +278,57 @@ def parse_name(cmdline: Sequence[str]) -> tuple[str | None, bool]:
     return o.get("guest"), o.get("debug-threads", "off") in ("on", "yes", "true")
 
 
+# qemu_uuid_is_valid(): 36 characters, hex digits with dashes at 8, 13, 18 and 23
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+# An unsigned number as qemu_strtou64(s, NULL, 0) takes it for a QEMU_OPT_NUMBER: leading
+# white space, an optional "+", base 16 after 0x, base 8 after 0, nothing after the digits.
+_C_NUMBER = re.compile(r"[ \t\n\v\f\r]*\+?(?:0[xX](?P<hex>[0-9a-fA-F]+)|(?P<oct>0[0-7]*)|(?P<dec>[1-9][0-9]*))\Z")
+
+
+def _c_number(text: str) -> int | None:
+    m = _C_NUMBER.match(text)
+    if m is None:
+        return None
+    if m.group("hex") is not None:
+        return int(m.group("hex"), 16)
+    if m.group("oct") is not None:
+        return int(m.group("oct"), 8)
+    return int(m.group("dec"))
+
+
+def smbios_uuid(text: str) -> str | None:
+    """The uuid an ``-smbios`` value sets, if any (lower case).
+
+    hw/smbios/smbios.c smbios_entry_add(): ``file=`` loads a binary table and ignores the rest;
+    otherwise only ``type=1`` (the system information) takes ``uuid=``, and it sets the VM's
+    uuid as ``-uuid`` does. The QemuOpts have no implied key: a bare first word is a flag, not
+    a type. The last of repeated keys counts; ``,,`` is a literal comma.
+    """
+    o: dict[str, str] = {}
+    for part in split_qemu_opts(text):
+        k, eq, v = part.partition("=")
+        o[k] = v if eq else "on"
+    if "file" in o or _c_number(o.get("type", "")) != 1:
+        return None
+    uuid = o.get("uuid")
+    return uuid.lower() if uuid is not None and _UUID.match(uuid) else None
+
+
 def parse_uuid(cmdline: Sequence[str]) -> str | None:
-    vals = option_values(cmdline, "uuid")
-    return vals[-1].lower() if vals else None
+    """The VM's uuid: from ``-uuid`` or ``-smbios type=1,uuid=...`` (Proxmox uses the latter).
+
+    QEMU applies both as it meets them on the command line, each overwriting the uuid: the
+    last one wins, whichever option it came from (checked with query-uuid on QEMU 7.2).
+    """
+    uuid: str | None = None
+    for name, value in options(cmdline):
+        if value is None:
+            continue
+        if name == "uuid":
+            uuid = value.lower()
+        elif name == "smbios":
+            uuid = smbios_uuid(value) or uuid
+    return uuid
 
 
 # --- thread roles -------------------------------------------------------------------
@@ -510,6 +567,24 @@ def snapshot_vm(procfs: Procfs, pid: int, exe: str, arch: str | None = None) -> 
                     user=user_name(snap.uid))
 
 
+def shows_guest(procfs: Procfs, vm: VM) -> bool:
+    """Whether the process runs a guest yet: a vCPU thread, or a KVM VM fd. Raises Vanished.
+
+    ``qemu -daemonize`` forks, the child calls setsid() and forks again, and only that grandchild
+    creates the guest; the first process waits for it to finish initialising and exits, the
+    second exits at once. Both carry the same command line, hold neither a /dev/kvm nor a
+    ``kvm-vm`` fd, and have no vCPU threads. A guest's process holds ``anon_inode:kvm-vm`` from
+    KVM_CREATE_VM on (before its vCPU threads); a TCG guest shows only by its ``CPU N/TCG``
+    threads. Unreadable fds count as a guest (what vcpud did before it asked).
+    """
+    if vm.vcpu_threads():
+        return True
+    try:
+        return "anon_inode:kvm-vm" in procfs.fd_targets(vm.pid).values()
+    except PermissionError:
+        return True
+
+
 def refresh_vm(procfs: Procfs, vm: VM) -> VM | None:
     """The same VM with current affinities if nothing else changed, else None. Raises Vanished.
 
@@ -546,6 +621,7 @@ def scan(
     vms: list[VM] = []
     rejected: list[Rejected] = []
     errors: list[str] = []
+    starting: list[int] = []
     vanished = unreadable = 0
     for pid in (procfs.pids() if pids is None else pids):
         try:
@@ -566,6 +642,9 @@ def scan(
             assert exe is not None
             vm = snapshot_vm(procfs, pid, exe)
             vanished += vm.vanished_threads
+            if daemonizes(vm.cmdline) and not shows_guest(procfs, vm):
+                starting.append(pid)  # one of -daemonize's parents, or the daemon before KVM_CREATE_VM
+                continue
             vms.append(vm)
         except Vanished:
             vanished += 1
@@ -573,7 +652,7 @@ def scan(
             errors.append(f"pid {pid}: {e}")
             log.warning("cannot read pid %d: %s", pid, e)
     return Scan(vms=tuple(vms), rejected=tuple(rejected), vanished=vanished, errors=tuple(errors),
-                unreadable=unreadable)
+                unreadable=unreadable, starting=tuple(starting))
 
 
 def classify_new_thread(vm: VM, t: ThreadSnapshot) -> Thread | None:

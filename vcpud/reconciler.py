@@ -126,6 +126,9 @@ class Reconciler:
         self.not_vm: set[int] = set()  # tgids known not to be VMs (until they exec or exit)
         self.due: dict[int, float] = {}  # pid -> when to look at that process again
         self.unnamed: dict[int, tuple[int, float]] = {}  # tid -> (tgid, when): new threads awaiting a name
+        # -daemonize qemu processes with no guest yet (Scan.starting) -> follow-ups done: not VMs
+        # (no "found VM", no pins), looked at again until they show one or exit
+        self.starting: dict[int, int] = {}
         self.rescan_wanted = False  # events were lost: the caller should rescan soon
         self.changed = True  # what readers see moved since the caller last published
 
@@ -141,6 +144,7 @@ class Reconciler:
     # --- events ---------------------------------------------------------------------------
     def on_exec(self, tgid: int) -> None:
         self.not_vm.discard(tgid)
+        self.starting.pop(tgid, None)
         self.forget(tgid)
         self._consider(tgid)
 
@@ -161,6 +165,7 @@ class Reconciler:
         self.unnamed.pop(pid, None)
         if pid == tgid:
             self.not_vm.discard(tgid)
+            self.starting.pop(tgid, None)
             st = self.vms.get(tgid)
             if st is not None:
                 log.info("VM %s (pid %d) exited", st.vm.display_name, st.vm.pid,
@@ -234,6 +239,9 @@ class Reconciler:
         for pid in list(self.vms) if pids is None else pids:
             if pid not in alive:
                 self.forget(pid)
+        if pids is None:
+            self.starting = {p: n for p, n in self.starting.items() if p in found.starting}
+        self._await_guest(found.starting)
         if reason is ScanReason.STARTUP:
             self.ledger.start(self.config, arrival_order(found.vms), self.online, self.topology)
         others = [st.vm for pid, st in self.vms.items() if pid not in alive]
@@ -259,6 +267,7 @@ class Reconciler:
         for pid in pids:
             if pid not in fresh:
                 self.forget(pid)
+        self._await_guest(found.starting)
         others = [st.vm for pid, st in self.vms.items() if pid not in fresh]
         decisions = self.ledger.place(self.config, self.topology, others + list(found.vms))
         for vm in arrival_order(found.vms):
@@ -266,6 +275,16 @@ class Reconciler:
         self._follow_decisions(decisions, fresh)
         self.stats.reconcile_hist.observe(time.perf_counter() - t0)
         self.changed = True
+
+    def _await_guest(self, pids: Iterable[int]) -> None:
+        """Look again at -daemonize processes that show no guest yet. The daemon that will run
+        it is found on its kvm "create" uevent or a vCPU's COMM event; this covers the moment
+        between KVM_CREATE_VM's uevent and its fd, and lost events. The parents exit meanwhile."""
+        for pid in pids:
+            n = self.starting.get(pid, 0)
+            if n < len(FOLLOWUP_DELAYS):
+                self.due[pid] = min(self.due.get(pid, float("inf")), self.clock() + FOLLOWUP_DELAYS[n])
+            self.starting[pid] = n + 1
 
     def _follow_decisions(self, decisions: dict[Hashable, PoolDecision], done: set[int]) -> None:
         """Re-pin the VMs not just read whose pool decision changed (where a waiting VM may run
@@ -332,6 +351,7 @@ class Reconciler:
                      followup=prev.followup if prev else 0, decision=decision,
                      said=prev.said if prev else set())
         if prev is None:
+            self.starting.pop(vm.pid, None)
             log.info("found VM %s (pid %d), policy %s", vm.display_name, vm.pid, policy.name if policy else "none",
                      extra=_fields(vm, policy.name if policy else None))
         vp = plan_vm(vm, policy, self.online, self.config, decision, self.isolated)
