@@ -21,7 +21,8 @@ from .pinning import OsAffinity, Outcome, PinResult
 from .placement import PoolDecision, VMPlan, arrival_order, assign, plan, vcpu_count
 from .pools import free_cpus
 from .procfs import Procfs
-from .topology import Topology, TopologyError, format_parse, format_summary, read_topology
+from .lscpu import format_parse, format_summary
+from .topology import Topology, TopologyError, read_topology
 
 log = logging.getLogger(__name__)
 

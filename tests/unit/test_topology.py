@@ -7,7 +7,8 @@ import pytest
 
 from vcpud.cpuset import CpuSet
 from vcpud.cli import main
-from vcpud.topology import PARSE_HEADER, Cpu, Topology, format_parse, format_summary, read_topology
+from vcpud.lscpu import PARSE_HEADER, format_parse, format_summary
+from vcpud.topology import Cpu, Topology, read_topology
 
 from tests.conftest import DUMPS, SHARED_TOPOLOGIES as SHARED, skip_or_fail as _missing
 
