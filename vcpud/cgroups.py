@@ -26,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .bounded import SYSFS_LIMIT, read_text
 from .cpuset import CpuSet
@@ -183,18 +183,33 @@ class Cgroups:
         return self._cpus(c.directory.parent, names)
 
 
+class _Affinity(Protocol):  # pinning.AffinityOps, which imports this module
+    def get(self, tid: int) -> CpuSet: ...
+
+    def set(self, pid: int, tid: int, cpus: CpuSet) -> None: ...
+
+
+class _SchedAffinity:
+    def get(self, tid: int) -> CpuSet:
+        return CpuSet.of(os.sched_getaffinity(tid))
+
+    def set(self, pid: int, tid: int, cpus: CpuSet) -> None:
+        os.sched_setaffinity(tid, cpus.cpus)
+
+
 class CgroupOps:
     """An AffinityOps that pins a thread in its own cgroup of a known VM-manager layout as that
-    manager does (``cpuset.cpus``, then sched_setaffinity), and any other thread with
-    sched_setaffinity alone."""
+    manager does (``cpuset.cpus``, then the affinity through ``base``, sched_setaffinity by
+    default), and any other thread through ``base`` alone."""
 
     name = "cgroup"
 
-    def __init__(self, cgroups: Cgroups) -> None:
+    def __init__(self, cgroups: Cgroups, base: _Affinity | None = None) -> None:
         self.cgroups = cgroups
+        self.base = base if base is not None else _SchedAffinity()
 
     def get(self, tid: int) -> CpuSet:
-        return CpuSet.of(os.sched_getaffinity(tid))
+        return self.base.get(tid)
 
     def via(self, pid: int, tid: int) -> str:
         c = self.cgroups.confinement(pid, tid)
@@ -211,7 +226,7 @@ class CgroupOps:
             assert c.directory is not None
             write_cpus(c.directory, cpus)
             log.debug("wrote %s to %s/cpuset.cpus", cpus, c.path)
-        os.sched_setaffinity(tid, cpus.cpus)
+        self.base.set(pid, tid, cpus)
 
 
 def write_cpus(directory: Path, cpus: CpuSet) -> None:
@@ -228,9 +243,9 @@ class CgroupOwner:
     VM manager's per-thread cgroups, :class:`CgroupOps`; for any other VM None, and the caller falls
     back to sched_setaffinity (which gets EINVAL outside a shared scope's CPUs)."""
 
-    def __init__(self, cgroups: Cgroups | None = None) -> None:
+    def __init__(self, cgroups: Cgroups | None = None, base: _Affinity | None = None) -> None:
         self.cgroups = cgroups or Cgroups()
-        self.ops = CgroupOps(self.cgroups)
+        self.ops = CgroupOps(self.cgroups, base)
         self._known: set[object] = set()  # VM keys found in a known layout
 
     def ops_for(self, vm: "VM") -> CgroupOps | None:

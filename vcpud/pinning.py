@@ -91,6 +91,7 @@ class PinResult:
     after: CpuSet | None = None
     detail: str = ""
     via: str = ""  # the actuator that pinned (or would pin): sched_setaffinity, cgroup, libvirt
+    cgroup: Confinement | None = None  # for a failure: the cpuset cgroup that confines the thread
 
 
 class OsAffinity:
@@ -181,7 +182,7 @@ def pin_one(a: Assignment, ops: AffinityOps, dry_run: bool = False) -> PinResult
         c = confinement(ops, a)
         failure = predict(a, c, getattr(ops, "cgroups", None))
         if failure is not None:
-            return PinResult(a, failure[0], before, None, f"predicted: {failure[1]}", via=how)
+            return PinResult(a, failure[0], before, None, f"predicted: {failure[1]}", via=how, cgroup=c)
         return PinResult(a, Outcome.PLANNED, before, a.cpus, via=how)
     try:
         ops.set(a.pid, a.tid, a.cpus)
@@ -193,15 +194,16 @@ def pin_one(a: Assignment, ops: AffinityOps, dry_run: bool = False) -> PinResult
             Outcome.OUTSIDE_CPUSET: f"EINVAL: CPUs {a.cpus} are outside the thread's cpuset cgroup",
             Outcome.NO_PERMISSION: "EPERM: no CAP_SYS_NICE over this thread",
         }.get(outcome, f"{os.strerror(e.errno or 0)}")
+        c = None
         if outcome is Outcome.OUTSIDE_CPUSET:
             c = confinement(ops, a)
             if c is not None:
                 detail = f"EINVAL: CPUs {a.cpus} are outside {c.describe()}; {c.hint()}"
-        return PinResult(a, outcome, before, None, detail, via=how)
+        return PinResult(a, outcome, before, None, detail, via=how, cgroup=c)
     if after != a.cpus:
         # A cpuset cgroup narrower than the request makes the kernel keep the intersection.
         c = confinement(ops, a)
         where = c.describe() if c is not None else "the thread's cpuset cgroup?"
         detail = f"asked for {a.cpus}, kernel kept {after}: {where}" + (f"; {c.hint()}" if c is not None else "")
-        return PinResult(a, Outcome.MISMATCH, before, after, detail, via=how)
+        return PinResult(a, Outcome.MISMATCH, before, after, detail, via=how, cgroup=c)
     return PinResult(a, Outcome.PINNED, before, after, via=how)
