@@ -78,7 +78,8 @@ class Confinement:
     def describe(self) -> str:
         cpus = self.effective.format() if self.effective is not None else "?"
         share = "this thread alone" if self.per_thread else "shared"
-        return f"cpuset cgroup {self.path} (cgroup v{self.version}, effective CPUs {cpus}, {share}, {self.owner})"
+        return (f"cpuset cgroup {self.path} (allows {cpus}: its effective CPUs; cgroup v{self.version}, {share}, "
+                f"{self.owner})")
 
     def hint(self) -> str:
         """What the operator can change."""

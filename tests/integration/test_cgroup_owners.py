@@ -87,7 +87,7 @@ def test_shared_scope_refuses_once_predicted_and_not_retried(tmp_path, parent):
         dry = run_vcpud("apply", "--dry-run", "--config", str(cfg))
         assert dry.returncode == 1, dry.stdout + dry.stderr
         assert "would fail (outside-cpuset)" in dry.stdout and where in dry.stdout, dry.stdout
-        assert "effective CPUs 1" in dry.stdout
+        assert "allows 1" in dry.stdout
 
         real = run_vcpud("apply", "--config", str(cfg))
         assert real.returncode == 1, real.stdout + real.stderr
@@ -118,7 +118,7 @@ def test_shared_scope_refuses_once_predicted_and_not_retried(tmp_path, parent):
             log = d.log()
             warned = [line for line in log.splitlines() if "WARNING" in line and "cannot pin" in line and "pve" in line]
             assert len(warned) == 1, warned
-            assert where in warned[0] and "effective CPUs 1" in warned[0]
+            assert where in warned[0] and "allows 1" in warned[0]
             assert "trying again" not in log
             # the operator widens the scope: tried again and pinned at the next rescan
             (scope / "cpuset.cpus").write_text("0-1")

@@ -154,7 +154,7 @@ def test_cgroup_ops_write_per_thread_cgroup_then_affinity(tmp_path):
     assert (d / "cpuset.cpus").read_text().strip() == "0"
     r = pin_one(assignment(200, 201, "0"), ops)
     assert r.outcome is Outcome.OUTSIDE_CPUSET and r.via == "sched_setaffinity"
-    assert "/qemu.slice/100.scope" in r.detail and "effective CPUs 1" in r.detail
+    assert "/qemu.slice/100.scope" in r.detail and "allows 1" in r.detail
     assert (s / "cpuset.cpus").read_text().strip() == "1"  # a shared scope is never written
     # partly inside: the kernel would keep the intersection
     assert pin_one(assignment(200, 201, "0-1"), ops, dry_run=True).outcome is Outcome.MISMATCH
@@ -222,7 +222,7 @@ def test_shared_scope_said_once_retried_only_on_change(tree, tmp_path, caplog):
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "cannot pin" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     msg = warnings[0].getMessage()
-    assert "/qemu.slice/100.scope" in msg and "effective CPUs 3" in msg and "AllowedCPUs" in msg
+    assert "/qemu.slice/100.scope" in msg and "allows 3" in msg and "AllowedCPUs" in msg
     assert ops.sets == tries  # not retried: nothing changed
     assert rec.stats.pins[Outcome.OUTSIDE_CPUSET] == 6 * failed  # but counted at every pass
     # the operator widens the scope: tried again, pinned
