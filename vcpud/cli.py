@@ -12,21 +12,26 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
+from .cgroups import CgroupOwner, Cgroups, Confinement
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, ListenAddressError, load_config, parse_listen
 from .cpuset import CpuSet
 from .discovery import VM, Role, Scan, Smp, Thread, scan
 from .engine import reconcile
 from .holdings import FileStore, load_priors
-from .pinning import OsAffinity, Outcome, PinResult
-from .placement import PoolDecision, VMPlan, arrival_order, assign, plan, vcpu_count
+from .pinning import Chain, OsAffinity, Outcome, PinResult, predict
+from .placement import Assignment, PoolDecision, VMPlan, arrival_order, assign, plan, vcpu_count
 from .pools import free_cpus
 from .procfs import Procfs
 from .lscpu import format_parse, format_summary
 from .topology import Topology, TopologyError, read_topology
+from .vocab import VMStatus
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+# `ps --json` status of a managed VM some of whose threads are not where its policy wants them
+# (moved since, or never pinned: vcpud not running), though nothing says pinning would fail.
+OFF_POLICY = "off-policy"
 
 # `plan --what-if`: at most this many imagined VMs, each of at most MAX_VM_VCPUS vCPUs (KVM's
 # KVM_MAX_VCPUS on x86 with CONFIG_MAXSMP; no guest has more). Not the host's CPU count: a
@@ -149,6 +154,39 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- owners: who pins a thread ---------------------------------------------------
+def _cgroups(args: argparse.Namespace) -> Cgroups:
+    return Cgroups(Path(args.proc), Path(args.cgroup_root))
+
+
+def _router(args: argparse.Namespace) -> Chain:
+    """Who pins a VM's threads: the thread's own cgroup where a known VM manager gives it one
+    (libvirt's layout, as libvirt does), else sched_setaffinity."""
+    os_ops = OsAffinity(Path(args.proc))
+    return Chain(CgroupOwner(_cgroups(args), os_ops), fallback=os_ops)
+
+
+def owner_name(c: Confinement | None) -> str:
+    """Which owner would pin a thread confined by ``c``: cgroup, sched_setaffinity (libvirt: the
+    libvirt owner, where it is wired up, decides first)."""
+    return "cgroup" if c is not None and c.writable else "sched_setaffinity"
+
+
+def _prediction(cg: Cgroups, a: Assignment, affinity: CpuSet | None) -> dict[str, Any]:
+    """What pinning ``a`` would do: the thread's cgroup, the owner, and a predicted failure."""
+    c = cg.confinement(a.pid, a.tid)
+    p = predict(a, c, cg) if affinity != a.cpus else None
+    return {
+        "via": owner_name(c),
+        "cgroup": None if c is None else {
+            "path": c.path, "version": c.version, "owner": c.owner.value, "per_thread": c.per_thread,
+            "effective": c.effective.format() if c.effective is not None else None},
+        "would": None if p is None else p[0].value,
+        "would_detail": None if p is None else p[1],
+        "confinement": c,
+    }
+
+
 # --- apply --------------------------------------------------------------------------
 def _vm_line(v: VMPlan, results: Sequence[PinResult], dry_run: bool) -> list[str]:
     counts: dict[Outcome, int] = {}
@@ -163,15 +201,35 @@ def _vm_line(v: VMPlan, results: Sequence[PinResult], dry_run: bool) -> list[str
     head += f", {len(failed) + len(v.problems)} failed"
     if v.waiting:
         head += f"; {v.status}: {v.reason}"
+    vias = sorted({r.via for r in results if r.via and r.via != "sched_setaffinity"})
+    if vias:
+        head += f" (via {', '.join(vias)})"
     lines = [head]
+    # Threads a cgroup shared by the VM keeps off their CPUs: one message for that cgroup.
+    shared: dict[tuple[Outcome, str], list[PinResult]] = {}
+    for r in results:
+        if not r.outcome.ok and r.cgroup is not None and not r.cgroup.per_thread:
+            shared.setdefault((r.outcome, r.cgroup.path), []).append(r)
     for r in results:
         a = r.assignment
         if r.outcome is Outcome.PLANNED:
-            lines.append(f"  would pin tid {a.tid} {show(a.label)}: {r.before} -> {a.cpus} ({a.rule})")
-        elif not r.outcome.ok:
+            via = f" via {r.via}" if r.via and r.via != "sched_setaffinity" else ""
+            lines.append(f"  would pin tid {a.tid} {show(a.label)}: {r.before} -> {a.cpus} ({a.rule}){via}")
+        elif not r.outcome.ok and not (r.cgroup is not None and (r.outcome, r.cgroup.path) in shared):
             lines.append(f"  FAILED tid {a.tid} {show(a.label)} -> {a.cpus} ({a.rule}): {r.outcome}: {r.detail}")
+    for (outcome, _), rs in shared.items():
+        lines.append(_shared_line(outcome, rs, dry_run))
     lines += [f"  FAILED {p}" for p in v.problems]
     return lines
+
+
+def _shared_line(outcome: Outcome, rs: Sequence[PinResult], dry_run: bool) -> str:
+    c = rs[0].cgroup
+    assert c is not None
+    threads = ", ".join(f"{show(r.assignment.label)} (tid {r.assignment.tid}) -> {r.assignment.cpus}" for r in rs)
+    verb = "would fail" if dry_run else "failed"
+    return (f"  FAILED {len(rs)} threads {verb} ({outcome}): the VM is confined by {c.describe()}: "
+            f"{threads}; {c.hint()}")
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -183,7 +241,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     procfs = _procfs(args)
     if procfs is None:
         return EXIT_FAILED
-    report = reconcile(cfg, online, procfs, OsAffinity(Path(args.proc)), dry_run=args.dry_run, topology=topo)
+    report = reconcile(cfg, online, procfs, OsAffinity(Path(args.proc)), dry_run=args.dry_run, topology=topo,
+                       router=_router(args))
     _hint_unreadable(report.scan)
     lines: list[str] = []
     for v in report.vms:
@@ -200,26 +259,37 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 # --- ps -----------------------------------------------------------------------------
-def ps_json(found: Scan, plans: Sequence[VMPlan]) -> dict[str, Any]:
+def ps_json(found: Scan, plans: Sequence[VMPlan], cgroups: Cgroups | None = None) -> dict[str, Any]:
     vms = []
     for vp in plans:
         vm = vp.vm
         threads = []
+        status: str = vp.status
         for t in vm.threads:
             a = vp.wanted(t.tid)
-            threads.append({
+            pred: dict[str, Any] = {}
+            if a is not None and cgroups is not None:
+                pred = _prediction(cgroups, a, t.affinity)
+                pred.pop("confinement")
+            ok = (a is None) or (a.cpus == t.affinity)
+            if not ok and status in (VMStatus.PINNED, VMStatus.PLACED):
+                # Not where the policy wants it: not pinned (failed if pinning would fail).
+                status = VMStatus.FAILED if pred.get("would") else OFF_POLICY
+            if pred.get("would"):
+                status = VMStatus.FAILED
+            threads.append({**pred,
                 "tid": t.tid, "comm": t.comm, "role": t.role.value, "vcpu": t.vcpu, "iothread": t.iothread,
                 "label": t.label, "found_by": t.how, "psr": t.processor,
                 "affinity": t.affinity.format(), "affinity_cpus": list(t.affinity),
                 "want": a.cpus.format() if a else None, "want_cpus": list(a.cpus) if a else None,
                 "rule": a.rule if a else None,
-                "ok": (a is None) or (a.cpus == t.affinity),
+                "ok": ok,
             })
         vms.append({
             "pid": vm.pid, "starttime": vm.starttime, "name": vm.name, "uuid": vm.uuid,
             "user": vm.user, "uid": vm.uid, "exe": vm.exe,
             "policy": vp.policy or "unmanaged", "debug_threads": vm.debug_threads,
-            "status": vp.status, "reason": vp.reason, "pool": vp.allocation.pool if vp.allocation else None,
+            "status": str(status), "reason": vp.reason, "pool": vp.allocation.pool if vp.allocation else None,
             "smp": {"cpus": vm.smp.cpus, "maxcpus": vm.smp.maxcpus, "sockets": vm.smp.sockets,
                     "dies": vm.smp.dies, "clusters": vm.smp.clusters, "cores": vm.smp.cores,
                     "threads": vm.smp.threads},
@@ -233,7 +303,29 @@ def _cut(s: str, n: int) -> str:
     return s if len(s) <= n else s[: n - 1] + "+"
 
 
-def ps_table(plans: Sequence[VMPlan]) -> str:
+def _cgroup_lines(vp: VMPlan, cgroups: Cgroups | None, affinity: dict[int, CpuSet] | None) -> list[str]:
+    """For ps and plan: the owner that would pin, when it is not sched_setaffinity, and one line
+    per cgroup that would refuse the plan."""
+    if cgroups is None or vp.policy is None:
+        return []
+    vias: set[str] = set()
+    blocked: dict[str, tuple[Confinement, list[tuple[Assignment, str]]]] = {}
+    for a in vp.assignments:
+        p = _prediction(cgroups, a, affinity.get(a.tid) if affinity is not None else None)
+        vias.add(p["via"])
+        c = p["confinement"]
+        if p["would"] and c is not None:
+            blocked.setdefault(c.path, (c, []))[1].append((a, p["would"]))
+    out = []
+    if vias - {"sched_setaffinity"}:
+        out.append(f"  pinned via {', '.join(sorted(vias))}")
+    for c, items in blocked.values():
+        what = ", ".join(f"{show(a.label)} -> {a.cpus}" for a, _ in items)
+        out.append(f"  ! would fail ({items[0][1]}): {what}: confined by {c.describe()}; {c.hint()}")
+    return out
+
+
+def ps_table(plans: Sequence[VMPlan], cgroups: Cgroups | None = None) -> str:
     out = []
     for vp in plans:
         vm = vp.vm
@@ -253,6 +345,7 @@ def ps_table(plans: Sequence[VMPlan]) -> str:
                        f"{_cut(t.affinity.format(), 16):<16} {_cut(want, 16):<16} {_cut(show(t.comm), 15)}".rstrip())
         for p in vp.problems:
             out.append(_cut(f"  ! {p}", 80))
+        out += _cgroup_lines(vp, cgroups, {t.tid: t.affinity for t in vm.threads})
         out.append("")
     if not plans:
         out.append("no VMs found")
@@ -288,10 +381,11 @@ def cmd_ps(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     found, vms = live
     p = plan(cfg, vms, online, topo, load_priors(cfg, FileStore(cfg.state_file), vms, online, topo))
+    cg = _cgroups(args)
     if args.json:
-        print(json.dumps(ps_json(found, p.vms), indent=2))
+        print(json.dumps(ps_json(found, p.vms, cg), indent=2))
     else:
-        _emit(ps_table(p.vms))
+        _emit(ps_table(p.vms, cg))
     return EXIT_OK
 
 
@@ -326,7 +420,7 @@ def what_if_vms(specs: Sequence[str]) -> list[VM]:
     return [what_if_vm(i, spec) for i, spec in enumerate(specs)]
 
 
-def plan_json(vp: VMPlan, cfg: Config, isolated: CpuSet) -> dict[str, Any]:
+def plan_json(vp: VMPlan, cfg: Config, isolated: CpuSet, cgroups: Cgroups | None = None) -> dict[str, Any]:
     vm = vp.vm
     policy = cfg.select(vm) if vp.policy else None
     vcpus: dict[str, list[int]] = {}
@@ -344,8 +438,16 @@ def plan_json(vp: VMPlan, cfg: Config, isolated: CpuSet) -> dict[str, Any]:
         if r is not None:
             emulator = list(r[1])
             reasons["emulator"] = r[0]
+    threads: dict[str, dict[str, Any]] = {}
+    if cgroups is not None and vm.pid > 0:
+        affinity = {t.tid: t.affinity for t in vm.threads}
+        for a in vp.assignments:
+            p = _prediction(cgroups, a, affinity.get(a.tid))
+            p.pop("confinement")
+            threads[str(a.tid)] = {"label": a.label, "cpus": list(a.cpus), **p}
     return {
         "name": vm.display_name, "pid": vm.pid if vm.pid > 0 else None, "imagined": vm.pid < 0,
+        "threads": threads,
         "policy": vp.policy, "status": vp.status, "reason": vp.reason,
         "pool": vp.allocation.pool if vp.allocation else None,
         "vcpus": vcpus, "emulator": emulator, "reasons": reasons,
@@ -385,7 +487,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
               file=sys.stderr)
     prior = load_priors(cfg, FileStore(cfg.state_file), live, online, topo) if live else {}
     p = plan(cfg, live + imagined, online, topo, prior)
-    rows = [plan_json(vp, cfg, topo.isolated) for vp in p.vms]
+    cg = _cgroups(args) if live else None
+    rows = [plan_json(vp, cfg, topo.isolated, cg) for vp in p.vms]
     free = free_cpus(cfg.pools, topo, list(p.allocations.values()))
     pools = {name: {"cpus": list(spec.cpus & online), "exclusive": spec.exclusive,
                     **({"free": list(free.get(name, CpuSet()))} if spec.exclusive else {})}
@@ -394,7 +497,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps({"vms": rows, "pools": pools}, indent=1))
         return EXIT_OK
     out: list[str] = []
-    for r in rows:
+    for vp, r in zip(p.vms, rows, strict=True):
         vc = _vcpu_map(r["vcpus"])
         head = f"{show(r['name']):<16} {show(r['policy'] or '-'):<12} {r['status']:<9} vcpus {vc}"
         if r["emulator"]:
@@ -404,6 +507,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             out.append(f"    {r['reason']}")
         if args.verbose:
             out += [f"    {k}: {why}" for k, why in r["reasons"].items()]
+        if cg is not None and vp.vm.pid > 0:
+            out += ["  " + line for line in _cgroup_lines(vp, cg, {t.tid: t.affinity for t in vp.vm.threads})]
     for name, spec in cfg.pools.items():
         extra = ""
         if spec.exclusive:
@@ -456,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--config", "-c", type=Path, help="config file (default /etc/vcpud/vcpud.yaml)")
         p.add_argument("--sysroot", default="/", help="root of the sysfs tree to read the topology from")
         p.add_argument("--proc", default="/proc", help=argparse.SUPPRESS)
+        p.add_argument("--cgroup-root", default="/sys/fs/cgroup", help=argparse.SUPPRESS)
         p.add_argument("--log-level", default=argparse.SUPPRESS, choices=levels)
 
     p = sub.add_parser("topology", help="show the host's CPU topology")

@@ -15,11 +15,12 @@ from typing import Any, Callable
 
 from . import bounded
 from .activity import Stats
+from .cgroups import CgroupOwner, Cgroups
 from .cpuset import CpuSet
 from .discovery import ExeCheck
 from .config import Config, load_config
 from .holdings import FileStore
-from .pinning import AffinityOps, OsAffinity
+from .pinning import AffinityOps, Chain, OsAffinity
 from .procfs import Procfs
 from .publisher import ConfigInfo, snapshot, status_line
 from .reconciler import Reconciler, ScanReason
@@ -49,6 +50,7 @@ class Daemon:
         self.config_path = config_path
         self.sysroot = sysroot
         self.procfs = Procfs(proc)
+        self.proc = proc
         self.ops = ops or OsAffinity(proc)
         self.notifier = notifier or Notifier()
         self.clock = clock
@@ -82,8 +84,11 @@ class Daemon:
         """First configuration load; raises ConfigError (or OSError for the topology)."""
         topology = read_topology(self.sysroot)
         config = load_config(self.config_path, online=topology.online)
+        # VMs whose threads sit in a VM manager's per-thread cgroups are pinned through them
+        router = Chain(CgroupOwner(Cgroups(self.proc), self.ops), fallback=self.ops)
         self.rec = Reconciler(config, topology.online, self.procfs, self.ops, FileStore(config.state_file),
-                              topology=topology, clock=self.clock, stats=self.stats, exe_check=self.exe_check)
+                              topology=topology, clock=self.clock, stats=self.stats, exe_check=self.exe_check,
+                              router=router)
         self.info = ConfigInfo(loaded_at=datetime.now().strftime("%H:%M:%S"))
         self.stats.last_reload_success = time.time()
         log.info("loaded %d policies from %s", len(config.policies), ", ".join(config.files))

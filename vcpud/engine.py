@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Iterable
 from .cpuset import CpuSet
 from .discovery import ExeCheck, Scan
 from .holdings import FileStore, StateStore
-from .pinning import AffinityOps, Outcome, PinResult
+from .pinning import AffinityOps, Outcome, PinResult, Router
 from .placement import VMPlan
 from .procfs import Procfs
 from .reconciler import Reconciler, ScanReason
@@ -55,6 +55,7 @@ def reconcile(
     topology: "Topology | None" = None,
     store: StateStore | None = None,
     exe_check: ExeCheck | None = None,
+    router: Router | None = None,
 ) -> Report:
     """Discover VMs (all, or among ``pids``), plan them with ``config`` and apply the plan once.
 
@@ -62,7 +63,8 @@ def reconcile(
     """
     if store is None:
         store = FileStore(config.state_file)
-    rec = Reconciler(config, online, procfs, ops, store, topology=topology, dry_run=dry_run, exe_check=exe_check)
+    rec = Reconciler(config, online, procfs, ops, store, topology=topology, dry_run=dry_run, exe_check=exe_check,
+                     router=router)
     result = rec.rescan(ScanReason.STARTUP, pids)
     by_tid = {r.assignment.tid: r for r in result.pins}
     reports = []

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from .cgroups import Cgroups, Confinement
 from .cpuset import CpuSet
 from .placement import Assignment
 
@@ -30,6 +31,28 @@ class Router(Protocol):
     its cgroup) where one confines them. Asked before every pin; cheap when nothing changed."""
 
     def ops_for(self, vm: "VM") -> AffinityOps: ...
+
+
+class Owner(Protocol):
+    """One owner of some VMs' threads (libvirt's API, their cgroups): an actuator for the VM, or
+    None when it does not own that VM."""
+
+    def ops_for(self, vm: "VM") -> AffinityOps | None: ...
+
+
+class Chain:
+    """A Router asking each owner in turn (libvirt first, then cgroups), else ``fallback``."""
+
+    def __init__(self, *owners: Owner, fallback: AffinityOps) -> None:
+        self.owners = owners
+        self.fallback = fallback
+
+    def ops_for(self, vm: "VM") -> AffinityOps:
+        for owner in self.owners:
+            ops = owner.ops_for(vm)
+            if ops is not None:
+                return ops
+        return self.fallback
 
 
 class Direct:
@@ -67,14 +90,22 @@ class PinResult:
     before: CpuSet | None = None
     after: CpuSet | None = None
     detail: str = ""
+    via: str = ""  # the actuator that pinned (or would pin): sched_setaffinity, cgroup, libvirt
+    cgroup: Confinement | None = None  # for a failure: the cpuset cgroup that confines the thread
 
 
 class OsAffinity:
     """The real thing: sched_{get,set}affinity on TIDs, checked against /proc."""
 
+    name = "sched_setaffinity"
+
     def __init__(self, proc: Path = Path("/proc"), cgroup: Path = Path("/sys/fs/cgroup")) -> None:
         self.proc = proc
         self.cgroup = cgroup
+        self.cgroups = Cgroups(proc, cgroup)
+
+    def confinement(self, pid: int, tid: int) -> Confinement | None:
+        return self.cgroups.confinement(pid, tid)
 
     def get(self, tid: int) -> CpuSet:
         return CpuSet.of(os.sched_getaffinity(tid))
@@ -87,26 +118,8 @@ class OsAffinity:
 
     def cpuset_of(self, tid: int) -> tuple[str, CpuSet | None]:
         """The thread's cpuset cgroup and the CPUs it allows, to explain an EINVAL."""
-        try:
-            lines = (self.proc / str(tid) / "cgroup").read_text().splitlines()
-        except OSError:
-            return "", None
-        candidates: list[tuple[str, Path]] = []
-        for line in lines:
-            hier, _, rest = line.partition(":")
-            ctrls, _, path = rest.partition(":")
-            rel = path.lstrip("/")
-            if "cpuset" in ctrls.split(","):  # cgroup v1: its own hierarchy
-                candidates.append((path, self.cgroup / "cpuset" / rel))
-            elif hier == "0":  # cgroup v2, mounted alone or as "unified" beside v1
-                candidates += [(path, self.cgroup / rel), (path, self.cgroup / "unified" / rel)]
-        for path, d in candidates:
-            for name in ("cpuset.cpus.effective", "cpuset.effective_cpus"):
-                try:
-                    return path, CpuSet.parse((d / name).read_text().strip())
-                except (OSError, ValueError):
-                    continue
-        return (candidates[0][0] if candidates else ""), None
+        c = self.cgroups.confinement(tid, tid)
+        return ("", None) if c is None else (c.path, c.effective)
 
 
 def classify_errno(e: OSError) -> Outcome:
@@ -119,15 +132,58 @@ def classify_errno(e: OSError) -> Outcome:
     return Outcome.ERROR
 
 
+def via(ops: AffinityOps, a: Assignment) -> str:
+    """How ``ops`` pins that thread: sched_setaffinity, cgroup, libvirt."""
+    how = getattr(ops, "via", None)
+    if callable(how):
+        return str(how(a.pid, a.tid))
+    return str(getattr(ops, "name", "") or "")
+
+
+def confinement(ops: AffinityOps, a: Assignment) -> Confinement | None:
+    """The thread's cpuset cgroup, where ``ops`` can tell (None otherwise)."""
+    how = getattr(ops, "confinement", None)
+    if not callable(how):
+        return None
+    try:
+        c = how(a.pid, a.tid)
+    except OSError:
+        return None
+    return c if isinstance(c, Confinement) else None
+
+
+def predict(a: Assignment, c: Confinement | None, cgroups: Cgroups | None = None) -> tuple[Outcome, str] | None:
+    """What the kernel will say to pinning ``a`` inside ``c``: None (it will take it), or the
+    failure (OUTSIDE_CPUSET: no CPU in common, EINVAL; MISMATCH: cut to the intersection)."""
+    if c is None or c.effective is None:
+        return None
+    allowed = c.effective
+    if c.writable:
+        # Written as its owner would: bounded by the cgroup above it.
+        parent = cgroups.parent_effective(c) if cgroups is not None else None
+        if parent is None or a.cpus <= parent:
+            return None
+        allowed = parent
+    if a.cpus <= allowed:
+        return None
+    outcome = Outcome.MISMATCH if a.cpus & allowed else Outcome.OUTSIDE_CPUSET
+    return outcome, f"CPUs {a.cpus} are outside {c.describe()}; {c.hint()}"
+
+
 def pin_one(a: Assignment, ops: AffinityOps, dry_run: bool = False) -> PinResult:
+    how = via(ops, a)
     try:
         before = ops.get(a.tid)
     except OSError as e:
-        return PinResult(a, classify_errno(e), detail=os.strerror(e.errno or 0))
+        return PinResult(a, classify_errno(e), detail=os.strerror(e.errno or 0), via=how)
     if before == a.cpus:
-        return PinResult(a, Outcome.UNCHANGED, before, before)
+        return PinResult(a, Outcome.UNCHANGED, before, before, via=how)
     if dry_run:
-        return PinResult(a, Outcome.PLANNED, before, a.cpus)
+        c = confinement(ops, a)
+        failure = predict(a, c, getattr(ops, "cgroups", None))
+        if failure is not None:
+            return PinResult(a, failure[0], before, None, f"predicted: {failure[1]}", via=how, cgroup=c)
+        return PinResult(a, Outcome.PLANNED, before, a.cpus, via=how)
     try:
         ops.set(a.pid, a.tid, a.cpus)
         after = ops.get(a.tid)
@@ -138,13 +194,16 @@ def pin_one(a: Assignment, ops: AffinityOps, dry_run: bool = False) -> PinResult
             Outcome.OUTSIDE_CPUSET: f"EINVAL: CPUs {a.cpus} are outside the thread's cpuset cgroup",
             Outcome.NO_PERMISSION: "EPERM: no CAP_SYS_NICE over this thread",
         }.get(outcome, f"{os.strerror(e.errno or 0)}")
-        if outcome is Outcome.OUTSIDE_CPUSET and isinstance(ops, OsAffinity):
-            path, allowed = ops.cpuset_of(a.tid)
-            if path:
-                detail += f" {path}" + (f" (allows {allowed})" if allowed is not None else "")
-        return PinResult(a, outcome, before, None, detail)
+        c = None
+        if outcome is Outcome.OUTSIDE_CPUSET:
+            c = confinement(ops, a)
+            if c is not None:
+                detail = f"EINVAL: CPUs {a.cpus} are outside {c.describe()}; {c.hint()}"
+        return PinResult(a, outcome, before, None, detail, via=how, cgroup=c)
     if after != a.cpus:
         # A cpuset cgroup narrower than the request makes the kernel keep the intersection.
-        detail = f"asked for {a.cpus}, kernel kept {after} (cpuset cgroup?)"
-        return PinResult(a, Outcome.MISMATCH, before, after, detail)
-    return PinResult(a, Outcome.PINNED, before, after)
+        c = confinement(ops, a)
+        where = c.describe() if c is not None else "the thread's cpuset cgroup?"
+        detail = f"asked for {a.cpus}, kernel kept {after}: {where}" + (f"; {c.hint()}" if c is not None else "")
+        return PinResult(a, Outcome.MISMATCH, before, after, detail, via=how, cgroup=c)
+    return PinResult(a, Outcome.PINNED, before, after, via=how)

@@ -17,7 +17,7 @@ from .activity import Stats, sample_vcpu_time
 from .cpuset import CpuSet
 from .discovery import VM, ExeCheck, Role, Scan, classify_new_thread, scan, verify_executable
 from .holdings import Ledger, StateStore
-from .pinning import AffinityOps, Direct, Outcome, PinResult, Router, pin_one
+from .pinning import AffinityOps, Direct, Outcome, PinResult, Router, confinement, pin_one
 from .placement import Assignment, PoolDecision, VMPlan, arrival_order, assign, plan_vm
 from .pools import Allocation
 from .procfs import Procfs, Vanished
@@ -59,6 +59,9 @@ class VMState:
     decision: PoolDecision = field(default_factory=PoolDecision)
     plan: VMPlan | None = None
     said: set[tuple[int, str]] = field(default_factory=set)  # (tid, reason) already logged
+    # tid -> (what the failure depended on, the failure): a thread its cpuset cgroup keeps off its
+    # CPUs is tried again only when that changes (the cgroup's CPUs, the wanted CPUs, the thread).
+    blocked: dict[int, tuple[Hashable, PinResult]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -176,6 +179,7 @@ class Reconciler:
             st.wanted.pop(pid, None)
             st.failed.pop(pid, None)
             st.results.pop(pid, None)
+            st.blocked.pop(pid, None)
             self.changed = True
 
     def on_kvm_uevent(self, event: str, pid: int) -> None:
@@ -349,7 +353,7 @@ class Reconciler:
         policy = self.config.select(vm)
         st = VMState(vm=vm, policy=policy, first_seen=prev.first_seen if prev else self.clock(),
                      followup=prev.followup if prev else 0, decision=decision,
-                     said=prev.said if prev else set())
+                     said=prev.said if prev else set(), blocked=prev.blocked if prev else {})
         if prev is None:
             self.starting.pop(vm.pid, None)
             log.info("found VM %s (pid %d), policy %s", vm.display_name, vm.pid, policy.name if policy else "none",
@@ -409,25 +413,63 @@ class Reconciler:
         if event_ns and r.outcome is Outcome.PINNED:
             self.stats.latency_hist.observe(_since(event_ns))
 
+    @staticmethod
+    def _blocker(ops: AffinityOps, a: Assignment) -> tuple[Hashable, str] | None:
+        """What a cgroup failure of ``a`` depends on, and the reason to say it under (one warning
+        per VM for a cgroup all its threads share); None when the thread's cgroup cannot be seen."""
+        c = confinement(ops, a)
+        if c is None:
+            return None
+        try:
+            now = ops.get(a.tid)
+        except OSError:
+            return None
+        key = (a.cpus, c.path, c.effective, c.per_thread, now)
+        return key, f"{c.path} {c.effective}"
+
     def _pin(self, st: VMState, a: Assignment, event_ns: int = 0) -> PinResult:
-        r = pin_one(a, self.router.ops_for(st.vm), self.dry_run)
+        ops = self.router.ops_for(st.vm)
+        held = st.blocked.get(a.tid)
+        if held is not None:
+            blocker = self._blocker(ops, a)
+            if blocker is not None and blocker[0] == held[0]:
+                # Nothing changed since it failed: the same answer, counted, not said again.
+                r = held[1]
+                self.stats.pins[r.outcome] += 1
+                st.results[a.tid] = r
+                st.failed[a.tid] = r
+                return r
+            del st.blocked[a.tid]
+            log.info("VM %s tid %d (%s): its cpuset cgroup or its wanted CPUs changed; trying again",
+                     st.vm.display_name, a.tid, a.label, extra=_fields(st.vm, st.policy.name if st.policy else None, a))
+        r = pin_one(a, ops, self.dry_run)
         self.stats.pins[r.outcome] += 1
         self.changed = True
         vm, policy = st.vm, st.policy.name if st.policy else None
         if r.outcome is Outcome.PINNED:
             after = f" ({_since(event_ns) * 1e6:.0f} us after the event)" if event_ns else ""
-            log.info("pinned VM %s tid %d (%s) to %s by %s%s", vm.display_name, a.tid, a.label, a.cpus, a.rule,
-                     after, extra=_fields(vm, policy, a))
+            log.info("pinned VM %s tid %d (%s) to %s by %s%s%s", vm.display_name, a.tid, a.label, a.cpus, a.rule,
+                     after, f" via {r.via}" if r.via and r.via != "sched_setaffinity" else "",
+                     extra=_fields(vm, policy, a))
         elif r.outcome is Outcome.VANISHED:
             self.stats.vanished += 1
         elif not r.outcome.ok:
-            _say_once(st, a.tid, r.outcome.value, "cannot pin VM %s tid %d (%s) to %s: %s %s",
-                           vm.display_name, a.tid, a.label, a.cpus, r.outcome, r.detail,
-                           extra=_fields(vm, policy, a))
+            blocker = self._blocker(ops, a) if r.outcome in (Outcome.OUTSIDE_CPUSET, Outcome.MISMATCH) \
+                and not self.dry_run else None
+            if blocker is not None:
+                st.blocked[a.tid] = (blocker[0], r)
+                # One warning per VM and cgroup (and its CPUs); the other threads at debug level.
+                _say_once(st, 0, f"{r.outcome.value} {blocker[1]}", "cannot pin VM %s tid %d (%s) to %s: %s %s",
+                          vm.display_name, a.tid, a.label, a.cpus, r.outcome, r.detail, extra=_fields(vm, policy, a))
+            else:
+                _say_once(st, a.tid, r.outcome.value, "cannot pin VM %s tid %d (%s) to %s: %s %s",
+                          vm.display_name, a.tid, a.label, a.cpus, r.outcome, r.detail,
+                          extra=_fields(vm, policy, a))
         st.results[a.tid] = r
         if r.outcome.ok:
             st.wanted[a.tid] = a
             st.failed.pop(a.tid, None)
+            st.blocked.pop(a.tid, None)
             st.said = {s for s in st.said if s[0] != a.tid}  # a later failure is news again
         elif r.outcome is not Outcome.VANISHED:
             st.failed[a.tid] = r
