@@ -230,6 +230,7 @@ class LibvirtOwner:
         self.pending: set[int] = set()  # qemu pids libvirt told us about: look at them again
         self.reconnected = False        # the caller should rescan: events may have been missed
         self.domains: dict[tuple[int, int], Any] = {}  # vm.key -> virDomain (None: not libvirt's)
+        self.lost = False  # the close callback fired: drop the connection outside libvirt's dispatch
 
     # --- connection ---------------------------------------------------------------------
     def attach(self, sel: selectors.BaseSelector) -> None:
@@ -254,8 +255,10 @@ class LibvirtOwner:
             self.next_try = now + RETRY_DELAYS[min(self.failures, len(RETRY_DELAYS) - 1)]
             self.failures += 1
             if not self.said_down:
-                log.warning("libvirt %s unreachable (%s): its VMs are pinned with sched_setaffinity until it is back",
-                            self.uri, str(e).strip())
+                # a host without libvirtd is normal; one that went away is news
+                log.log(logging.WARNING if self.was_connected else logging.INFO,
+                        "libvirt %s unreachable (%s): its VMs are pinned with sched_setaffinity until it is back",
+                        self.uri, str(e).strip())
                 self.said_down = True
             return None
         self.conn = conn
@@ -281,10 +284,12 @@ class LibvirtOwner:
         return conn
 
     def _closed(self, conn: Any, reason: int, opaque: Any) -> None:
+        # Called from inside libvirt's dispatch: closing the connection here would deadlock.
         log.warning("libvirt %s closed the connection (reason %d): reconnecting", self.uri, reason)
-        self._drop()
+        self.lost = True
 
     def _drop(self) -> None:
+        self.lost = False
         conn, self.conn = self.conn, None
         self.domains.clear()
         self.next_try = self.clock() + RETRY_DELAYS[0]
@@ -323,6 +328,8 @@ class LibvirtOwner:
     def run_due(self) -> None:
         if self.events is not None:
             self.events.run_timers()
+            if self.lost:
+                self._drop()
             if self.conn is None:
                 self.connection()
 
@@ -391,6 +398,8 @@ class LibvirtOwner:
 
     def ops_for(self, vm: "VM") -> LibvirtAffinity | None:
         if libvirt is None:
+            return None
+        if self.lost:
             return None
         dom = self.domain(vm)
         if dom is None or self.conn is None:
