@@ -231,6 +231,9 @@ class LibvirtOwner:
         self.reconnected = False        # the caller should rescan: events may have been missed
         self.domains: dict[tuple[int, int], Any] = {}  # vm.key -> virDomain (None: not libvirt's)
         self.lost = False  # the close callback fired: drop the connection outside libvirt's dispatch
+        if libvirt is not None:
+            # libvirt prints every error to stderr by default; ours are raised and logged once
+            libvirt.registerErrorHandler(lambda ctx, err: None, None)
 
     # --- connection ---------------------------------------------------------------------
     def attach(self, sel: selectors.BaseSelector) -> None:
