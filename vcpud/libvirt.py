@@ -86,6 +86,12 @@ class SelectorEventImpl:
         libvirt.virEventRegisterImpl(self.add_handle, self.update_handle, self.remove_handle,
                                      self.add_timeout, self.update_timeout, self.remove_timeout)
 
+    def rebind(self, sel: selectors.BaseSelector) -> None:
+        """Serve another selector (libvirt takes one event impl per process, for good)."""
+        self.sel = sel
+        for fd in {h[0] for h in self.handles.values()}:
+            self._sync_fd(fd)
+
     def _id(self) -> int:
         self._next_id += 1
         return self._next_id - 1
@@ -161,6 +167,9 @@ class SelectorEventImpl:
             if timer in self.timers and t[0] >= 0 and t[1] <= now:
                 t[1] = now + t[0] / 1000
                 t[2](timer, t[3])
+
+
+_IMPL: SelectorEventImpl | None = None  # virEventRegisterImpl works once per process
 
 
 # --- pinning through libvirt -----------------------------------------------------------------
@@ -240,9 +249,13 @@ class LibvirtOwner:
         """Run libvirt's events in this selector's loop (before the first connection), and connect."""
         if libvirt is None:
             return
-        if self.events is None:
-            self.events = SelectorEventImpl(sel, self.clock)
-            self.events.register()
+        global _IMPL
+        if _IMPL is None:
+            _IMPL = SelectorEventImpl(sel, self.clock)
+            _IMPL.register()
+        else:
+            _IMPL.rebind(sel)
+        self.events = _IMPL
         self.connection()
 
     def connection(self) -> Any:
