@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export DEBIAN_FRONTEND=noninteractive
-need=(qemu-system-x86 qemu-utils libsystemd-dev pkg-config gcc python3-dev python3-venv util-linux systemd-container prometheus systemd)
+need=(qemu-system-x86 qemu-utils libsystemd-dev pkg-config gcc python3-dev python3-venv util-linux systemd-container prometheus systemd
+      libvirt-daemon-system libvirt-clients libvirt-dev)
 missing=()
 for p in "${need[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,5 +19,6 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+# libvirt-python at the version of the host's libvirt (it builds against its headers)
+.venv/bin/python -m pip install -q -e '.[test,libvirt]' "libvirt-python==$(pkg-config --modversion libvirt)"
 echo "vcpud installed in $(pwd)/.venv: $(.venv/bin/vcpud --version)"

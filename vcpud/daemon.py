@@ -20,7 +20,9 @@ from .cpuset import CpuSet
 from .discovery import ExeCheck
 from .config import Config, load_config
 from .holdings import FileStore
-from .pinning import AffinityOps, Chain, OsAffinity
+from .libvirt import LibvirtOwner
+from .libvirt import available as libvirt_available
+from .pinning import AffinityOps, Chain, OsAffinity, Owner
 from .procfs import Procfs
 from .publisher import ConfigInfo, snapshot, status_line
 from .reconciler import Reconciler, ScanReason
@@ -46,6 +48,7 @@ class Daemon:
         use_connector: bool = True,
         clock: Callable[[], float] = time.monotonic,
         exe_check: ExeCheck | None = None,
+        use_libvirt: bool = True,
     ) -> None:
         self.config_path = config_path
         self.sysroot = sysroot
@@ -72,6 +75,13 @@ class Daemon:
         self.sources = Sources(use_connector, use_udev)
         self.loader = BackgroundLoader(config_path, sysroot, self.sources.wake)
         self._status_sent = ""
+        # libvirt's VMs are pinned through libvirt when libvirt-python is there and libvirtd answers
+        self.libvirt: LibvirtOwner | None = None
+        if use_libvirt and libvirt_available():
+            self.libvirt = LibvirtOwner()
+        elif use_libvirt:
+            log.info("libvirt-python not installed: libvirt's VMs are pinned with sched_setaffinity "
+                     "(pip install 'vcpud[libvirt]' to pin them through libvirt)")
 
     @property
     def reconciler(self) -> Reconciler:
@@ -84,8 +94,11 @@ class Daemon:
         """First configuration load; raises ConfigError (or OSError for the topology)."""
         topology = read_topology(self.sysroot)
         config = load_config(self.config_path, online=topology.online)
-        # VMs whose threads sit in a VM manager's per-thread cgroups are pinned through them
-        router = Chain(CgroupOwner(Cgroups(self.proc), self.ops), fallback=self.ops)
+        # A VM's owner pins its threads where one confines them: libvirt's API for libvirt's VMs,
+        # a VM manager's per-thread cgroups without it; sched_setaffinity for everything else.
+        owners: list[Owner] = [] if self.libvirt is None else [self.libvirt]
+        owners.append(CgroupOwner(Cgroups(self.proc), self.ops))
+        router = Chain(*owners, fallback=self.ops)
         self.rec = Reconciler(config, topology.online, self.procfs, self.ops, FileStore(config.state_file),
                               topology=topology, clock=self.clock, stats=self.stats, exe_check=self.exe_check,
                               router=router)
@@ -95,8 +108,12 @@ class Daemon:
 
     def open_sources(self) -> None:
         self.sources.open(self._on_stop, self._on_hup)
+        if self.libvirt is not None:
+            self.libvirt.attach(self.sources.sel)
 
     def close(self) -> None:
+        if self.libvirt is not None:
+            self.libvirt.close()
         self.sources.close()
 
     def _on_stop(self, signum: int, frame: object) -> None:
@@ -143,10 +160,15 @@ class Daemon:
             timers.append(due)
         if self.notifier.watchdog_interval:
             timers.append(self.next_watchdog)
+        lv_due = self.libvirt.next_deadline() if self.libvirt is not None else None
+        if lv_due is not None:
+            timers.append(lv_due)
         for source in self.sources.ready(max(0.0, min(timers) - self.clock())):
             self.dispatch(source)
             if self.stop_requested:
                 return
+        if self.libvirt is not None:
+            self.on_libvirt()
         if self.reload_requested:
             self.reload_requested = False
             self.reload()
@@ -170,7 +192,7 @@ class Daemon:
         if rec.changed:
             self.publish()
 
-    def dispatch(self, source: EventSource) -> None:
+    def dispatch(self, source: EventSource | Callable[[], None]) -> None:
         if source is EventSource.SIGNAL:
             self.sources.drain_signals()
             self.stats.count_event(EventSource.SIGNAL)
@@ -178,6 +200,8 @@ class Daemon:
             self.on_connector()
         elif source is EventSource.UDEV:
             self.on_udev()
+        elif not isinstance(source, EventSource):
+            source()  # libvirt's own fds: its callbacks queue what the reconciler should see
 
     # --- event sources ------------------------------------------------------------------
     def on_connector(self) -> None:
@@ -213,6 +237,17 @@ class Daemon:
                 self.topology_changed = True
             elif ev.pid:
                 rec.on_kvm_uevent(ev.event, ev.pid)
+
+    def on_libvirt(self) -> None:
+        """Run libvirt's due timers (its events are dispatched from them), reconnect when due,
+        then look again at the VMs libvirt reported started, resumed or re-tuned."""
+        assert self.libvirt is not None
+        self.libvirt.run_due()
+        pids, rescan = self.libvirt.take()
+        if rescan:
+            self.reconciler.rescan_wanted = True  # libvirtd restarted: what did we miss?
+        if pids:
+            self.reconciler.look_at(pids)
 
     # --- topology and rescans -----------------------------------------------------------
     def _online_now(self) -> CpuSet | None:

@@ -5,6 +5,7 @@ Each source registers with one selector; what it reads comes back as plain, type
 
 from __future__ import annotations
 
+import functools
 import logging
 import selectors
 import signal
@@ -88,9 +89,12 @@ class Sources:
         self.sel.register(mon.fileno(), selectors.EVENT_READ, EventSource.UDEV)
         log.info("watching kvm uevents from %s", self.udev_source)
 
-    def ready(self, timeout: float) -> list[EventSource]:
-        """Wait up to ``timeout`` seconds; the sources that have something to read."""
-        return [key.data for key, _ in self.sel.select(timeout)]
+    def ready(self, timeout: float) -> list[EventSource | Callable[[], None]]:
+        """Wait up to ``timeout`` seconds; the sources that have something to read. An fd that
+        another event loop registered (libvirt's, through ``vcpud.libvirt.SelectorEventImpl``)
+        has a callable taking the event mask as its data: it comes back bound to that mask."""
+        return [key.data if isinstance(key.data, EventSource) else functools.partial(key.data, mask)
+                for key, mask in self.sel.select(timeout)]
 
     def wake(self) -> None:
         """Make the loop's select() return (from any thread): a reload finished."""

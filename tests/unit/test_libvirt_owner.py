@@ -1,0 +1,160 @@
+"""vcpud.libvirt without a libvirtd: the selector event impl, the Chain router, the owner's fallbacks."""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+from pathlib import Path
+
+import pytest
+
+from vcpud import libvirt as lv
+from vcpud.cpuset import CpuSet
+from vcpud.discovery import VM, Role, Smp, Thread
+from vcpud.pinning import Chain
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def vm(pid: int = 4242, name: str | None = "web1", threads: tuple[Thread, ...] = ()) -> VM:
+    return VM(pid=pid, starttime=1, exe="/usr/bin/qemu-system-x86_64", cmdline=(), uid=0, user="root", name=name,
+              uuid=None, smp=Smp(), threads=threads, debug_threads=True)
+
+
+def test_handles_follow_what_libvirt_wants():
+    sel = selectors.DefaultSelector()
+    impl = lv.SelectorEventImpl(sel)
+    a, b = socket.socketpair()
+    calls = []
+    w = impl.add_handle(a.fileno(), 1, lambda *args: calls.append(args), "op")
+    assert sel.get_key(a.fileno()).events == selectors.EVENT_READ
+    b.send(b"x")
+    ready = [(key.data, mask) for key, mask in sel.select(1)]
+    assert len(ready) == 1
+    ready[0][0](ready[0][1])
+    assert calls == [(w, a.fileno(), 1, "op")]
+    impl.update_handle(w, 0)  # libvirt wants nothing: the fd leaves the selector
+    with pytest.raises(KeyError):
+        sel.get_key(a.fileno())
+    impl.update_handle(w, 3)
+    assert sel.get_key(a.fileno()).events == selectors.EVENT_READ | selectors.EVENT_WRITE
+    w2 = impl.add_handle(a.fileno(), 1, lambda *args: None, None)  # two watches, one fd
+    assert impl.remove_handle(w) == 0
+    assert sel.get_key(a.fileno()).events == selectors.EVENT_READ
+    assert impl.remove_handle(w2) == 0
+    assert impl.remove_handle(w2) == -1
+    assert not sel.get_map()
+    a.close()
+    b.close()
+    sel.close()
+
+
+def test_timers_fire_when_due_and_can_be_disabled():
+    clock = Clock()
+    impl = lv.SelectorEventImpl(selectors.DefaultSelector(), clock)
+    fired = []
+    t = impl.add_timeout(500, lambda timer, opaque: fired.append((timer, opaque)), "op")
+    off = impl.add_timeout(-1, lambda *a: fired.append("never"), None)
+    assert impl.next_deadline() == 100.5
+    impl.run_timers()
+    assert fired == []
+    clock.t = 100.5
+    impl.run_timers()
+    assert fired == [(t, "op")]
+    assert impl.next_deadline() == 101.0  # repeats at its interval
+    impl.update_timeout(t, 0)  # every iteration: due now
+    assert impl.next_deadline() == 100.5
+    impl.update_timeout(t, -1)
+    assert impl.next_deadline() is None
+    assert impl.remove_timeout(t) == 0 and impl.remove_timeout(off) == 0 and impl.remove_timeout(t) == -1
+
+
+class Claims:
+    def __init__(self, ops):
+        self.ops = ops
+
+    def ops_for(self, vm):
+        return self.ops
+
+
+def test_chain_asks_owners_first_then_falls_back():
+    direct, owned = object(), object()
+    assert Chain(Claims(None), fallback=direct).ops_for(vm()) is direct
+    assert Chain(Claims(owned), Claims(None), fallback=direct).ops_for(vm()) is owned
+
+
+def test_owner_ignores_vms_libvirt_did_not_start(tmp_path: Path):
+    owner = lv.LibvirtOwner(uri="test:///nowhere", run_dir=tmp_path)
+    assert owner.ops_for(vm(name=None)) is None
+    assert owner.ops_for(vm()) is None  # no pid file
+    (tmp_path / "web1.pid").write_text("999\n")
+    assert owner.ops_for(vm()) is None  # another process's pid file
+    assert owner.conn is None  # never connected for them
+
+
+@pytest.mark.skipif(lv.libvirt is None, reason="libvirt-python not installed")
+def test_owner_unreachable_falls_back_and_retries_later(tmp_path: Path, caplog, capfd):
+    caplog.set_level(logging.INFO, logger="vcpud.libvirt")
+    clock = Clock()
+    owner = lv.LibvirtOwner(uri="qemu+unix:///system?socket=/nonexistent/sock", run_dir=tmp_path, clock=clock)
+    (tmp_path / "web1.pid").write_text("4242\n")
+    assert owner.ops_for(vm()) is None
+    assert owner.next_try == 101.0
+    clock.t = 100.5
+    assert owner.ops_for(vm()) is None  # not retried yet
+    assert owner.failures == 1
+    clock.t = 101.0
+    assert owner.ops_for(vm()) is None
+    assert owner.failures == 2
+    assert sum("unreachable" in r.message for r in caplog.records) == 1  # said once
+    assert capfd.readouterr().err == ""  # libvirt's own stderr printer is off
+
+
+def test_domain_events_queue_the_qemu_pid(tmp_path: Path):
+    owner = lv.LibvirtOwner(run_dir=tmp_path)
+    (tmp_path / "web1.pid").write_text("4242\n")
+
+    class Dom:
+        def name(self) -> str:
+            return "web1"
+
+    if lv.libvirt is None:
+        pytest.skip("libvirt-python not installed")
+    owner._domain_event(None, Dom(), lv.libvirt.VIR_DOMAIN_EVENT_STARTED, 0, None)
+    owner._domain_event(None, Dom(), {"cputune.vcpupin0": "1"}, None)
+    owner._domain_event(None, Dom(), lv.libvirt.VIR_DOMAIN_EVENT_STOPPED, 0, None)
+    assert owner.take() == ([4242], False)
+    assert owner.take() == ([], False)
+
+
+def test_actuator_routes_each_role_to_its_libvirt_call(monkeypatch):
+    if lv.libvirt is None:
+        pytest.skip("libvirt-python not installed")
+    calls = []
+
+    class Dom:
+        def pinVcpuFlags(self, n, cpumap, flags):  # noqa: N802
+            calls.append(("vcpu", n, cpumap, flags))
+
+        def pinEmulator(self, cpumap, flags):  # noqa: N802
+            calls.append(("emulator", cpumap, flags))
+
+        def pinIOThread(self, n, cpumap, flags):  # noqa: N802
+            calls.append(("iothread", n, cpumap, flags))
+
+    threads = {1: Thread(1, "CPU 1/KVM", Role.VCPU, vcpu=1), 2: Thread(2, "qemu", Role.EMULATOR),
+               3: Thread(3, "IO iothread7", Role.IOTHREAD, iothread="iothread7")}
+    monkeypatch.setattr(lv.Path, "exists", lambda self: True)
+    ops = lv.LibvirtAffinity(lv.LibvirtOwner(), Dom(), threads, 4)
+    live = lv.libvirt.VIR_DOMAIN_AFFECT_LIVE
+    for tid in (1, 2, 3):
+        ops.set(99, tid, CpuSet.parse("1,3"))
+    m = (False, True, False, True)
+    assert calls == [("vcpu", 1, m, live), ("emulator", m, live), ("iothread", 7, m, live)]
