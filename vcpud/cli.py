@@ -18,7 +18,9 @@ from .cpuset import CpuSet
 from .discovery import VM, Role, Scan, Smp, Thread, scan
 from .engine import reconcile
 from .holdings import FileStore, load_priors
-from .pinning import Chain, OsAffinity, Outcome, PinResult, predict
+from .libvirt import LibvirtOwner
+from .libvirt import available as libvirt_available
+from .pinning import Chain, OsAffinity, Outcome, Owner, PinResult, predict
 from .placement import Assignment, PoolDecision, VMPlan, arrival_order, assign, plan, vcpu_count
 from .pools import free_cpus
 from .procfs import Procfs
@@ -160,10 +162,13 @@ def _cgroups(args: argparse.Namespace) -> Cgroups:
 
 
 def _router(args: argparse.Namespace) -> Chain:
-    """Who pins a VM's threads: the thread's own cgroup where a known VM manager gives it one
-    (libvirt's layout, as libvirt does), else sched_setaffinity."""
+    """Who pins a VM's threads: libvirt's API for libvirt's VMs (libvirt-python installed), the
+    thread's own cgroup where a known VM manager gives it one (as libvirt does), else
+    sched_setaffinity."""
     os_ops = OsAffinity(Path(args.proc))
-    return Chain(CgroupOwner(_cgroups(args), os_ops), fallback=os_ops)
+    owners: list[Owner] = [LibvirtOwner()] if libvirt_available() else []
+    owners.append(CgroupOwner(_cgroups(args), os_ops))
+    return Chain(*owners, fallback=os_ops)
 
 
 def owner_name(c: Confinement | None) -> str:
