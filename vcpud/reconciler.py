@@ -10,21 +10,22 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable
 
 from .activity import Stats, sample_vcpu_time
 from .cpuset import CpuSet
-from .discovery import VM, ExeCheck, Role, Scan, classify_new_thread, scan, verify_executable
+from .discovery import VM, ExeCheck, Scan, classify_new_thread, scan, verify_executable
 from .holdings import Ledger, StateStore
-from .pinning import AffinityOps, Direct, Outcome, PinResult, Router, confinement, pin_one
-from .placement import Assignment, PoolDecision, VMPlan, arrival_order, assign, plan_vm
+from .pinner import Pinner
+from .pinning import AffinityOps, Direct, Outcome, PinResult, Router
+from .vmstate import VMState, journal_fields, say_once
+from .placement import Assignment, PoolDecision, arrival_order, assign, plan_vm
 from .pools import Allocation
 from .procfs import Procfs, Vanished
-from .vocab import VMStatus
 
 if TYPE_CHECKING:
-    from .config import Config, Policy
+    from .config import Config
     from .topology import Topology
 
 log = logging.getLogger(__name__)
@@ -45,66 +46,10 @@ class ScanReason(str, enum.Enum):
     TOPOLOGY = "topology"    # CPUs came or went
 
 
-@dataclass
-class VMState:
-    """What is known about one VM (managed or not). Mutable: the reconciler owns it."""
-
-    vm: VM
-    policy: "Policy | None"
-    wanted: dict[int, Assignment] = field(default_factory=dict)  # tid -> what it was pinned to
-    failed: dict[int, PinResult] = field(default_factory=dict)
-    results: dict[int, PinResult] = field(default_factory=dict)  # tid -> the last attempt
-    first_seen: float = 0.0
-    followup: int = 0  # index into FOLLOWUP_DELAYS
-    decision: PoolDecision = field(default_factory=PoolDecision)
-    plan: VMPlan | None = None
-    said: set[tuple[int, str]] = field(default_factory=set)  # (tid, reason) already logged
-    # tid -> (what the failure depended on, the failure): a thread its cpuset cgroup keeps off its
-    # CPUs is tried again only when that changes (the cgroup's CPUs, the wanted CPUs, the thread).
-    blocked: dict[int, tuple[Hashable, PinResult]] = field(default_factory=dict)
-
-    @property
-    def complete(self) -> bool:
-        """All the guest's vCPUs (as -smp says) have been seen."""
-        return len({t.vcpu for t in self.vm.threads if t.role is Role.VCPU}) >= self.vm.smp.cpus
-
-    @property
-    def status(self) -> VMStatus:
-        if self.policy is None:
-            return VMStatus.UNMANAGED
-        if self.failed:
-            return VMStatus.FAILED
-        return self.plan.status if self.plan is not None else VMStatus.PINNED
-
-    @property
-    def waiting(self) -> bool:
-        return self.plan is not None and self.plan.waiting
-
-
 @dataclass(frozen=True, slots=True)
 class RescanResult:
     scan: Scan
     pins: tuple[PinResult, ...]
-
-
-def _fields(vm: VM, policy: str | None, a: Assignment | None = None) -> dict[str, Any]:
-    """Journal fields for a log record (logging's extra=)."""
-    f: dict[str, Any] = {"VM": vm.display_name, "VM_PID": vm.pid, "POLICY": policy or ""}
-    if a is not None:
-        f.update(TID=a.tid, ROLE=a.label, CPUS=a.cpus.format())
-    return f
-
-
-def _since(event_ns: int) -> float:
-    # the connector's timestamp is ktime_get_ns(): CLOCK_MONOTONIC
-    return (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - event_ns) / 1e9
-
-
-def _say_once(st: VMState, tid: int, reason: str, msg: str, *args: object, extra: dict[str, Any]) -> None:
-    """A failure is a warning the first time for (thread, reason), then debug."""
-    level = logging.DEBUG if (tid, reason) in st.said else logging.WARNING
-    st.said.add((tid, reason))
-    log.log(level, msg, *args, extra=extra)
 
 
 class Reconciler:
@@ -119,10 +64,10 @@ class Reconciler:
         self.topology = topology
         self.procfs = procfs
         self.actuator = actuator
-        self.router: Router = router if router is not None else Direct(actuator)
         self.ledger = Ledger(store, dry_run)
         self.clock = clock
         self.stats = stats if stats is not None else Stats()
+        self.pinner = Pinner(router if router is not None else Direct(actuator), self.stats, dry_run)
         self.dry_run = dry_run
         self.exe_check = exe_check  # None: the live host's files
         self.vms: dict[int, VMState] = {}
@@ -134,6 +79,10 @@ class Reconciler:
         self.starting: dict[int, int] = {}
         self.rescan_wanted = False  # events were lost: the caller should rescan soon
         self.changed = True  # what readers see moved since the caller last published
+
+    def _pin(self, st: VMState, a: Assignment, event_ns: int = 0) -> PinResult:
+        self.changed = True
+        return self.pinner.pin(st, a, event_ns)
 
     @property
     def allocations(self) -> dict[Hashable, Allocation]:
@@ -172,14 +121,10 @@ class Reconciler:
             st = self.vms.get(tgid)
             if st is not None:
                 log.info("VM %s (pid %d) exited", st.vm.display_name, st.vm.pid,
-                         extra=_fields(st.vm, st.policy.name if st.policy else None))
+                         extra=journal_fields(st.vm, st.policy.name if st.policy else None))
             self.forget(tgid)
         elif tgid in self.vms:
-            st = self.vms[tgid]
-            st.wanted.pop(pid, None)
-            st.failed.pop(pid, None)
-            st.results.pop(pid, None)
-            st.blocked.pop(pid, None)
+            self.vms[tgid].forget_thread(pid)
             self.changed = True
 
     def on_kvm_uevent(self, event: str, pid: int) -> None:
@@ -357,13 +302,13 @@ class Reconciler:
         if prev is None:
             self.starting.pop(vm.pid, None)
             log.info("found VM %s (pid %d), policy %s", vm.display_name, vm.pid, policy.name if policy else "none",
-                     extra=_fields(vm, policy.name if policy else None))
+                     extra=journal_fields(vm, policy.name if policy else None))
         vp = plan_vm(vm, policy, self.online, self.config, decision, self.isolated)
         st.plan = vp
         if vp.reason and (prev is None or prev.plan is None or prev.plan.status != vp.status):
-            log.warning("VM %s %s: %s", vm.display_name, vp.status, vp.reason, extra=_fields(vm, vp.policy))
+            log.warning("VM %s %s: %s", vm.display_name, vp.status, vp.reason, extra=journal_fields(vm, vp.policy))
         for problem in vp.problems:
-            _say_once(st, 0, problem, "VM %s: %s", vm.display_name, problem, extra=_fields(vm, vp.policy))
+            say_once(st, 0, problem, "VM %s: %s", vm.display_name, problem, extra=journal_fields(vm, vp.policy))
         results = []
         for a in vp.assignments:
             before = prev.wanted.get(a.tid) if prev else None
@@ -371,7 +316,7 @@ class Reconciler:
             if r.outcome is Outcome.PINNED and before is not None and before.cpus == a.cpus:
                 self.stats.drift_corrections += 1
                 log.warning("VM %s tid %d (%s) had been moved to %s; put back on %s", vm.display_name, a.tid,
-                            a.label, r.before, a.cpus, extra=_fields(vm, vp.policy, a))
+                            a.label, r.before, a.cpus, extra=journal_fields(vm, vp.policy, a))
             results.append(r)
         self.vms[vm.pid] = st
         self.changed = True
@@ -395,10 +340,7 @@ class Reconciler:
         self.changed = True
         if st.policy is None:
             return
-        held = st.decision.allocation
-        if t.role is Role.VCPU and st.policy.vcpus_rule is not None and held is not None and t.vcpu is not None \
-                and t.vcpu >= len(held.vcpus):
-            # A vCPU hot-plugged beyond what the VM holds: it needs a bigger allocation.
+        if st.outgrows_allocation(t):
             self.due[st.vm.pid] = self.clock()
             return
         rule = assign(t, st.vm, st.policy, self.config, st.decision, self.isolated)
@@ -409,68 +351,4 @@ class Reconciler:
         if not usable:
             return
         a = Assignment(pid=st.vm.pid, tid=tid, label=t.label, role=t.role, cpus=usable, rule=rule[0])
-        r = self._pin(st, a, event_ns)
-        if event_ns and r.outcome is Outcome.PINNED:
-            self.stats.latency_hist.observe(_since(event_ns))
-
-    @staticmethod
-    def _blocker(ops: AffinityOps, a: Assignment) -> tuple[Hashable, str] | None:
-        """What a cgroup failure of ``a`` depends on, and the reason to say it under (one warning
-        per VM for a cgroup all its threads share); None when the thread's cgroup cannot be seen."""
-        c = confinement(ops, a)
-        if c is None:
-            return None
-        try:
-            now = ops.get(a.tid)
-        except OSError:
-            return None
-        key = (a.cpus, c.path, c.effective, c.per_thread, now)
-        return key, f"{c.path} {c.effective}"
-
-    def _pin(self, st: VMState, a: Assignment, event_ns: int = 0) -> PinResult:
-        ops = self.router.ops_for(st.vm)
-        held = st.blocked.get(a.tid)
-        if held is not None:
-            blocker = self._blocker(ops, a)
-            if blocker is not None and blocker[0] == held[0]:
-                # Nothing changed since it failed: the same answer, counted, not said again.
-                r = held[1]
-                self.stats.pins[r.outcome] += 1
-                st.results[a.tid] = r
-                st.failed[a.tid] = r
-                return r
-            del st.blocked[a.tid]
-            log.info("VM %s tid %d (%s): its cpuset cgroup or its wanted CPUs changed; trying again",
-                     st.vm.display_name, a.tid, a.label, extra=_fields(st.vm, st.policy.name if st.policy else None, a))
-        r = pin_one(a, ops, self.dry_run)
-        self.stats.pins[r.outcome] += 1
-        self.changed = True
-        vm, policy = st.vm, st.policy.name if st.policy else None
-        if r.outcome is Outcome.PINNED:
-            after = f" ({_since(event_ns) * 1e6:.0f} us after the event)" if event_ns else ""
-            log.info("pinned VM %s tid %d (%s) to %s by %s%s%s", vm.display_name, a.tid, a.label, a.cpus, a.rule,
-                     after, f" via {r.via}" if r.via and r.via != "sched_setaffinity" else "",
-                     extra=_fields(vm, policy, a))
-        elif r.outcome is Outcome.VANISHED:
-            self.stats.vanished += 1
-        elif not r.outcome.ok:
-            blocker = self._blocker(ops, a) if r.outcome in (Outcome.OUTSIDE_CPUSET, Outcome.MISMATCH) \
-                and not self.dry_run else None
-            if blocker is not None:
-                st.blocked[a.tid] = (blocker[0], r)
-                # One warning per VM and cgroup (and its CPUs); the other threads at debug level.
-                _say_once(st, 0, f"{r.outcome.value} {blocker[1]}", "cannot pin VM %s tid %d (%s) to %s: %s %s",
-                          vm.display_name, a.tid, a.label, a.cpus, r.outcome, r.detail, extra=_fields(vm, policy, a))
-            else:
-                _say_once(st, a.tid, r.outcome.value, "cannot pin VM %s tid %d (%s) to %s: %s %s",
-                          vm.display_name, a.tid, a.label, a.cpus, r.outcome, r.detail,
-                          extra=_fields(vm, policy, a))
-        st.results[a.tid] = r
-        if r.outcome.ok:
-            st.wanted[a.tid] = a
-            st.failed.pop(a.tid, None)
-            st.blocked.pop(a.tid, None)
-            st.said = {s for s in st.said if s[0] != a.tid}  # a later failure is news again
-        elif r.outcome is not Outcome.VANISHED:
-            st.failed[a.tid] = r
-        return r
+        self._pin(st, a, event_ns)

@@ -211,7 +211,7 @@ def test_shared_scope_said_once_retried_only_on_change(tree, tmp_path, caplog):
         (tree.root / str(named) / "task" / str(t) / "cgroup").write_text(V1_LINES.format(path="/qemu.slice/100.scope"))
     rec, act, _ = make(tree, FIXED % "0")
     ops = ScopeActuator(act, Cgroups(tree.root, root), named)
-    rec.router = Direct(ops)
+    rec.pinner.router = Direct(ops)
     with caplog.at_level(logging.DEBUG, logger="vcpud.reconciler"):
         rec.rescan(ScanReason.STARTUP)
         tries = ops.sets

@@ -1,0 +1,85 @@
+"""What vcpud knows about one VM while it runs (mutable, owned by the reconciler), and the
+journal fields and say-once logging that go with it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Hashable
+
+from .discovery import VM, Role, Thread
+from .pinning import PinResult
+from .placement import Assignment, PoolDecision, VMPlan
+from .vocab import VMStatus
+
+if TYPE_CHECKING:
+    from .config import Policy
+
+log = logging.getLogger("vcpud.reconciler")  # one logger for what the reconciler says
+
+
+@dataclass
+class VMState:
+    """What is known about one VM (managed or not). Mutable: the reconciler owns it."""
+
+    vm: VM
+    policy: "Policy | None"
+    wanted: dict[int, Assignment] = field(default_factory=dict)  # tid -> what it was pinned to
+    failed: dict[int, PinResult] = field(default_factory=dict)
+    results: dict[int, PinResult] = field(default_factory=dict)  # tid -> the last attempt
+    first_seen: float = 0.0
+    followup: int = 0  # index into FOLLOWUP_DELAYS
+    decision: PoolDecision = field(default_factory=PoolDecision)
+    plan: VMPlan | None = None
+    said: set[tuple[int, str]] = field(default_factory=set)  # (tid, reason) already logged
+    # tid -> (what the failure depended on, the failure): a thread its cpuset cgroup keeps off its
+    # CPUs is tried again only when that changes (the cgroup's CPUs, the wanted CPUs, the thread).
+    blocked: dict[int, tuple[Hashable, PinResult]] = field(default_factory=dict)
+
+    def outgrows_allocation(self, t: Thread) -> bool:
+        """A vCPU hot-plugged beyond the pooled CPUs the VM holds: it needs a bigger allocation."""
+        held = self.decision.allocation
+        return (t.role is Role.VCPU and self.policy is not None and self.policy.vcpus_rule is not None
+                and held is not None and t.vcpu is not None and t.vcpu >= len(held.vcpus))
+
+    def forget_thread(self, tid: int) -> None:
+        for d in (self.wanted, self.failed, self.results, self.blocked):
+            d.pop(tid, None)
+
+    @property
+    def complete(self) -> bool:
+        """All the guest's vCPUs (as -smp says) have been seen."""
+        return len({t.vcpu for t in self.vm.threads if t.role is Role.VCPU}) >= self.vm.smp.cpus
+
+    @property
+    def status(self) -> VMStatus:
+        if self.policy is None:
+            return VMStatus.UNMANAGED
+        if self.failed:
+            return VMStatus.FAILED
+        return self.plan.status if self.plan is not None else VMStatus.PINNED
+
+    @property
+    def waiting(self) -> bool:
+        return self.plan is not None and self.plan.waiting
+
+
+def journal_fields(vm: VM, policy: str | None, a: Assignment | None = None) -> dict[str, Any]:
+    """Journal fields for a log record (logging's extra=)."""
+    f: dict[str, Any] = {"VM": vm.display_name, "VM_PID": vm.pid, "POLICY": policy or ""}
+    if a is not None:
+        f.update(TID=a.tid, ROLE=a.label, CPUS=a.cpus.format())
+    return f
+
+
+def since(event_ns: int) -> float:
+    # the connector's timestamp is ktime_get_ns(): CLOCK_MONOTONIC
+    return (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - event_ns) / 1e9
+
+
+def say_once(st: VMState, tid: int, reason: str, msg: str, *args: object, extra: dict[str, Any]) -> None:
+    """A failure is a warning the first time for (thread, reason), then debug."""
+    level = logging.DEBUG if (tid, reason) in st.said else logging.WARNING
+    st.said.add((tid, reason))
+    log.log(level, msg, *args, extra=extra)
