@@ -20,8 +20,7 @@ from .cpuset import CpuSet
 from .discovery import ExeCheck
 from .config import Config, load_config
 from .holdings import FileStore
-from .libvirt import LibvirtOwner
-from .libvirt import available as libvirt_available
+from .libvirt import LibvirtOwner, libvirt_owner
 from .pinning import AffinityOps, Chain, OsAffinity, Owner
 from .procfs import Procfs
 from .publisher import ConfigInfo, snapshot, status_line
@@ -34,6 +33,23 @@ from .topology import Topology, read_topology
 from .vocab import EventSource
 
 log = logging.getLogger(__name__)
+
+
+def online_now(sysroot: Path) -> CpuSet | None:
+    """The kernel's online CPU list, or None when it cannot be read."""
+    try:
+        text = bounded.read_text(sysroot / "sys/devices/system/cpu/online", bounded.SYSFS_LIMIT)
+        return CpuSet.parse(text.strip())
+    except (OSError, ValueError):  # UnicodeDecodeError and CpuSetError are ValueErrors
+        return None
+
+
+def reread_topology(sysroot: Path) -> Topology | None:
+    try:
+        return read_topology(sysroot)
+    except OSError as e:
+        log.warning("cannot re-read the CPU topology: %s", e)
+        return None
 
 
 class Daemon:
@@ -76,12 +92,7 @@ class Daemon:
         self.loader = BackgroundLoader(config_path, sysroot, self.sources.wake)
         self._status_sent = ""
         # libvirt's VMs are pinned through libvirt when libvirt-python is there and libvirtd answers
-        self.libvirt: LibvirtOwner | None = None
-        if use_libvirt and libvirt_available():
-            self.libvirt = LibvirtOwner()
-        elif use_libvirt:
-            log.info("libvirt-python not installed: libvirt's VMs are pinned with sched_setaffinity "
-                     "(pip install 'vcpud[libvirt]' to pin them through libvirt)")
+        self.libvirt: LibvirtOwner | None = libvirt_owner() if use_libvirt else None
 
     @property
     def reconciler(self) -> Reconciler:
@@ -250,27 +261,13 @@ class Daemon:
             self.reconciler.look_at(pids)
 
     # --- topology and rescans -----------------------------------------------------------
-    def _online_now(self) -> CpuSet | None:
-        try:
-            text = bounded.read_text(self.sysroot / "sys/devices/system/cpu/online", bounded.SYSFS_LIMIT)
-            return CpuSet.parse(text.strip())
-        except (OSError, ValueError):  # UnicodeDecodeError and CpuSetError are ValueErrors
-            return None
-
-    def _read_topology(self) -> Topology | None:
-        try:
-            return read_topology(self.sysroot)
-        except OSError as e:
-            log.warning("cannot re-read the CPU topology: %s", e)
-            return None
-
     def refresh_topology(self) -> bool:
         """Re-read the topology; when the online CPUs changed, the reconciler re-places every VM."""
-        topo = self._read_topology()
+        topo = reread_topology(self.sysroot)
         return topo is not None and self.reconciler.set_topology(topo.online, topo)
 
     def periodic_rescan(self) -> None:
-        online = self._online_now()
+        online = online_now(self.sysroot)
         if online not in (None, self.reconciler.online) and self.refresh_topology():
             return  # a CPU came or went and no uevent told us: that was a full rescan
         self.stats.count_event(EventSource.RESCAN)

@@ -202,6 +202,15 @@ class LibvirtAffinity:
             raise _error_to_oserror(e, f"libvirt domain {self.dom.name()}") from e
 
 
+def libvirt_owner() -> "LibvirtOwner | None":
+    """The libvirt owner, or None (said once) when libvirt-python is not installed."""
+    if available():
+        return LibvirtOwner()
+    log.info("libvirt-python not installed: libvirt's VMs are pinned with sched_setaffinity "
+             "(pip install 'vcpud[libvirt]' to pin them through libvirt)")
+    return None
+
+
 class LibvirtOwner:
     """libvirt's domains: found by their pid file, pinned through libvirt's API, watched by events.
 

@@ -38,7 +38,7 @@ def daemon(tmp_path: Path, unpacked):
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     # x86_64-dell_e4310: 4 CPUs, 2 cores x 2 threads; the fixtures' CPUs are 0-3
     d = Daemon(cfg, sysroot=unpacked("x86_64-dell_e4310"), proc=tree.root, ops=act, notifier=notifier,
-               use_udev=False, use_connector=False, clock=clock, exe_check=tree.exe_check())
+               use_udev=False, use_connector=False, clock=clock, exe_check=tree.exe_check(), use_libvirt=False)
     d.metrics_listen = "off"
     d.load()
     d.open_sources()
