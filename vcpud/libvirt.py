@@ -241,7 +241,11 @@ class DeferredAffinity:
         kept = self.owner.deferred.get(self.vm.key)
         if kept is not None and tid in kept[1]:
             return kept[1][tid]
-        return CpuSet.of(os.sched_getaffinity(tid))
+        now = CpuSet.of(os.sched_getaffinity(tid))
+        # While libvirt starts the domain it sets every thread's CPUs itself, later: what the
+        # thread has now says nothing, so every pin is kept for after the start (else a thread
+        # already on its CPUs would be found moved by libvirt, as if it had drifted).
+        return CpuSet() if self.why == "start" else now
 
     def set(self, pid: int, tid: int, cpus: CpuSet) -> None:
         if not Path(f"/proc/{pid}/task/{tid}").exists():

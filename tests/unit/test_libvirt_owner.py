@@ -224,7 +224,7 @@ def test_pins_wait_for_libvirts_job_without_asking_libvirt(tmp_path: Path, monke
     (tmp_path / "web1.pid").write_text("4242\n")
     threads = (Thread(10, "CPU 0/KVM", Role.VCPU, vcpu=0), Thread(11, "qemu", Role.EMULATOR))
     v = vm(threads=threads)
-    real = {10: CpuSet.parse("0-1"), 11: CpuSet.parse("0-1")}
+    real = {10: CpuSet.parse("0-1"), 11: CpuSet.parse("0-1"), 12: CpuSet.parse("1")}
     monkeypatch.setattr(lv.os, "sched_getaffinity", lambda tid: set(real[tid].cpus))
     monkeypatch.setattr(lv.os, "sched_setaffinity", lambda tid, cpus: None)
     monkeypatch.setattr(lv.Path, "exists", lambda self: True)
@@ -235,6 +235,7 @@ def test_pins_wait_for_libvirts_job_without_asking_libvirt(tmp_path: Path, monke
     ops.set(4242, 10, CpuSet.parse("1"))
     ops.set(4242, 11, CpuSet.parse("0"))
     assert ops.get(10) == CpuSet.parse("1")  # what the reconciler reads back: kept
+    assert owner.ops_for(v).get(12) == CpuSet()  # libvirt will set it: not on any CPUs yet, for us
     assert calls == []  # libvirt not asked while it starts the domain
     assert owner.next_deadline() == clock.t + lv.DEFERRED_POLL
     owner.run_due()
