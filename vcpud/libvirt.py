@@ -9,6 +9,14 @@ while libvirtd cannot be reached (the caller then pins directly). ``SelectorEven
 libvirt's event loop (handles and timers) inside the daemon's one selectors loop, and the
 owner's domain event callbacks queue the qemu pids the reconciler should look at again.
 
+A pin through libvirt waits for the domain's current libvirt job (its start, a vCPU hotplug) to
+end, and lookups wait for the domain's lock that the start holds while qemu initialises: the
+daemon's loop must never wait on them. While libvirt's status file for the domain
+(``/run/libvirt/qemu/NAME.xml``, rewritten whenever a tracked job begins or ends) says it is
+starting up or busy with a job, ``ops_for`` gives a ``DeferredAffinity`` instead: the pin is
+applied with sched_setaffinity where the kernel allows it, kept, and made through libvirt as
+soon as the job has ended (polled every few ms, and at libvirt's STARTED/RESUMED events).
+
 libvirt-python is optional (``pip install 'vcpud[libvirt]'``): without it nothing here is used.
 """
 
@@ -22,7 +30,7 @@ import re
 import selectors
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Hashable
 
 from .cpuset import CpuSet
 from .discovery import Role
@@ -41,6 +49,10 @@ URI = "qemu:///system"
 RUN_DIR = Path("/run/libvirt/qemu")
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0)  # seconds between reconnection attempts
 IOTHREAD_ID = re.compile(r"iothread(\d+)")
+DEFERRED_POLL = 0.002  # s between looks at the status files of domains whose pins wait for a job
+DOMSTATUS = re.compile(r"<domstatus\b([^>]*)>")
+JOB = re.compile(r"<job\b([^>]*)>")
+ATTR = re.compile(r"(\w+)='([^']*)'")
 
 
 def available() -> bool:
@@ -179,6 +191,11 @@ class LibvirtAffinity:
     def get(self, tid: int) -> CpuSet:
         return CpuSet.of(os.sched_getaffinity(tid))
 
+    def via(self, pid: int, tid: int) -> str:
+        t = self.threads.get(tid)
+        has_pin = t is not None and (t.role in (Role.VCPU, Role.EMULATOR) or IOTHREAD_ID.fullmatch(t.iothread or ""))
+        return "libvirt" if has_pin else "sched_setaffinity"
+
     def set(self, pid: int, tid: int, cpus: CpuSet) -> None:
         assert libvirt is not None
         if not Path(f"/proc/{pid}/task/{tid}").exists():
@@ -200,6 +217,50 @@ class LibvirtAffinity:
         except libvirt.libvirtError as e:
             self.owner.check_alive()
             raise _error_to_oserror(e, f"libvirt domain {self.dom.name()}") from e
+
+
+class DeferredAffinity:
+    """An AffinityOps for a domain libvirt is busy with (starting it, hot-plugging a vCPU).
+
+    A pin through libvirt now would wait for libvirt's job, and the loop with it. The pin is kept
+    by the owner and made through libvirt when the job ends; meanwhile the thread gets the CPUs
+    with sched_setaffinity where its cgroup allows (libvirt may still reset it: the pin through
+    libvirt after the job is what lasts). ``get`` answers the kept pin, so the reconciler sees
+    the thread as pinned, and a look after the job ends sees no drift.
+    """
+
+    def __init__(self, owner: "LibvirtOwner", vm: "VM", why: str) -> None:
+        self.owner = owner
+        self.vm = vm
+        self.why = why
+
+    def via(self, pid: int, tid: int) -> str:
+        return f"libvirt, once its {self.why} ends"
+
+    def get(self, tid: int) -> CpuSet:
+        kept = self.owner.deferred.get(self.vm.key)
+        if kept is not None and tid in kept[1]:
+            return kept[1][tid]
+        now = CpuSet.of(os.sched_getaffinity(tid))
+        # While libvirt starts the domain it sets every thread's CPUs itself, later: what the
+        # thread has now says nothing, so every pin is kept for after the start (else a thread
+        # already on its CPUs would be found moved by libvirt, as if it had drifted).
+        return CpuSet() if self.why == "start" else now
+
+    def set(self, pid: int, tid: int, cpus: CpuSet) -> None:
+        if not Path(f"/proc/{pid}/task/{tid}").exists():
+            raise ProcessLookupError(errno.ESRCH, "thread is gone")
+        if not self.owner.deferred:
+            self.owner.poll_at = self.owner.clock() + DEFERRED_POLL
+        kept = self.owner.deferred.get(self.vm.key)
+        pins = dict(kept[1]) if kept is not None else {}
+        pins[tid] = cpus
+        self.owner.deferred[self.vm.key] = (self.vm, pins)  # the newest view of its threads
+        try:
+            os.sched_setaffinity(tid, cpus.cpus)
+        except OSError:
+            pass  # confined by libvirt's cgroup for now: the pin through libvirt will do
+        log.debug("libvirt: domain %s is busy (%s): tid %d to %s once it is done", self.vm.name, self.why, tid, cpus)
 
 
 def libvirt_owner() -> "LibvirtOwner | None":
@@ -233,6 +294,10 @@ class LibvirtOwner:
         self.reconnected = False        # the caller should rescan: events may have been missed
         self.domains: dict[tuple[int, int], Any] = {}  # vm.key -> virDomain (None: not libvirt's)
         self.lost = False  # the close callback fired: drop the connection outside libvirt's dispatch
+        # vm.key -> (the VM, tid -> CPUs): pins waiting for libvirt's job on that domain to end
+        self.deferred: dict[Hashable, tuple["VM", dict[int, CpuSet]]] = {}
+        self.poll_at = 0.0
+        self._status: dict[Hashable, tuple[tuple[int, int, int], str | None]] = {}
         if libvirt is not None:
             # libvirt prints every error to stderr by default; ours are raised and logged once
             libvirt.registerErrorHandler(lambda ctx, err: None, None)
@@ -332,6 +397,8 @@ class LibvirtOwner:
                 times.append(t)
             if self.conn is None and libvirt is not None:
                 times.append(self.next_try)
+            if self.deferred:
+                times.append(self.poll_at)
         return min(times) if times else None
 
     def run_due(self) -> None:
@@ -341,6 +408,9 @@ class LibvirtOwner:
                 self._drop()
             if self.conn is None:
                 self.connection()
+            if self.deferred and self.clock() >= self.poll_at:
+                self.poll_at = self.clock() + DEFERRED_POLL
+                self.poll_deferred()
 
     def take(self) -> tuple[list[int], bool]:
         """(pids to look at again, whether to rescan everything), and forget them."""
@@ -351,6 +421,65 @@ class LibvirtOwner:
     def close(self) -> None:
         if self.conn is not None:
             self._drop()
+
+    # --- pins waiting for a job -----------------------------------------------------------
+    def busy(self, vm: "VM") -> str | None:
+        """What libvirt is doing with this domain that a pin would wait for ("start", "modify
+        job"...), read from its status file without asking libvirt; None when nothing."""
+        path = self.run_dir / f"{vm.name}.xml"
+        try:
+            st = os.stat(path)
+            sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self._status.get(vm.key)
+            if cached is not None and cached[0] == sig:
+                return cached[1]
+            with open(path, "rb") as f:
+                head = f.read(65536).decode(errors="replace").split("<domain", 1)[0]
+        except OSError:
+            return "start"  # not written yet: libvirt writes it once qemu is up
+        why: str | None = None
+        m = DOMSTATUS.search(head)
+        attrs = dict(ATTR.findall(m.group(1))) if m else {}
+        if attrs.get("pid") != str(vm.pid) or attrs.get("reason") == "starting up":
+            why = "start"  # a previous run's file, or qemu still being set up
+        else:
+            job = JOB.search(head)
+            if job is not None:
+                kind = dict(ATTR.findall(job.group(1)))
+                why = kind["async"] if kind.get("async", "none") != "none" else f"{kind.get('type', '?')} job"
+        if len(self._status) > 4096:
+            self._status.clear()
+        self._status[vm.key] = (sig, why)
+        return why
+
+    def poll_deferred(self) -> None:
+        """Make the pins of domains whose job has ended; forget those of VMs gone."""
+        for key, (vm, _) in list(self.deferred.items()):
+            if self._pidfile(vm.name or "") != vm.pid:
+                self.deferred.pop(key, None)  # stopped (or failed to start)
+            elif self.busy(vm) is None:
+                self.flush(vm)
+
+    def flush(self, vm: "VM") -> None:
+        """Pin through libvirt what waited for its job on this domain."""
+        kept = self.deferred.pop(vm.key, None)
+        if kept is None:
+            return
+        dom = self.domain(kept[0])
+        if dom is None or self.conn is None:
+            self.pending.add(vm.pid)  # the reconciler looks again and pins some other way
+            return
+        ops = LibvirtAffinity(self, dom, {t.tid: t for t in kept[0].threads}, self.ncpus)
+        for tid, cpus in sorted(kept[1].items()):
+            try:
+                ops.set(vm.pid, tid, cpus)
+            except ProcessLookupError:
+                continue
+            except OSError as e:
+                log.warning("libvirt: domain %s tid %d: the pin to %s that waited for its job failed: %s",
+                            vm.name, tid, cpus, e)
+                self.pending.add(vm.pid)
+        log.debug("libvirt: domain %s: %d pins made after its job", vm.name, len(kept[1]))
 
     # --- events -------------------------------------------------------------------------
     def _domain_event(self, conn: Any, dom: Any, *args: Any) -> None:
@@ -405,11 +534,21 @@ class LibvirtOwner:
         self.domains[vm.key] = dom
         return dom
 
-    def ops_for(self, vm: "VM") -> LibvirtAffinity | None:
+    def ops_for(self, vm: "VM") -> LibvirtAffinity | DeferredAffinity | None:
         if libvirt is None:
             return None
         if self.lost:
             return None
+        if self.events is not None:
+            # In the daemon's loop: look before asking libvirt about a domain it may be busy
+            # with (even a lookup waits while its start holds the domain's lock).
+            if self.domains.get(vm.key, 0) is None or not self.is_libvirts(vm) or self.connection() is None:
+                return None
+            why = self.busy(vm)
+            if why is not None:
+                return DeferredAffinity(self, vm, why)
+            if vm.key in self.deferred:
+                self.flush(vm)
         dom = self.domain(vm)
         if dom is None or self.conn is None:
             return None

@@ -158,3 +158,120 @@ def test_actuator_routes_each_role_to_its_libvirt_call(monkeypatch):
         ops.set(99, tid, CpuSet.parse("1,3"))
     m = (False, True, False, True)
     assert calls == [("vcpu", 1, m, live), ("emulator", m, live), ("iothread", 7, m, live)]
+
+
+STATUS = """<domstatus state='{state}' reason='{reason}' pid='{pid}'>
+  <monitor path='/var/lib/libvirt/qemu/domain-1-web1/monitor.sock' type='unix'/>
+  {job}
+  <domain type='kvm' id='1'><name>web1</name></domain>
+</domstatus>
+"""
+
+
+def status(tmp: Path, state: str = "running", reason: str = "booted", pid: int = 4242, job: str = "") -> None:
+    path = tmp / "web1.xml"
+    new = tmp / "web1.xml.new"
+    new.write_text(STATUS.format(state=state, reason=reason, pid=pid, job=job))
+    new.replace(path)  # as libvirt does: a new inode, so the cached answer is not reused
+
+
+def test_busy_reads_libvirts_status_file(tmp_path: Path):
+    owner = lv.LibvirtOwner(run_dir=tmp_path)
+    v = vm()
+    assert owner.busy(v) == "start"  # not written yet
+    status(tmp_path, "paused", "starting up", job="<job type='none' async='start'/>")
+    assert owner.busy(v) == "start"
+    status(tmp_path, pid=1)  # a previous run's
+    assert owner.busy(v) == "start"
+    status(tmp_path, job="<job type='modify' async='none'>\n<x/></job>")
+    assert owner.busy(v) == "modify job"
+    status(tmp_path, "paused", "user")
+    assert owner.busy(v) is None
+    status(tmp_path)
+    assert owner.busy(v) is None
+
+
+@pytest.mark.skipif(lv.libvirt is None, reason="libvirt-python not installed")
+def test_pins_wait_for_libvirts_job_without_asking_libvirt(tmp_path: Path, monkeypatch):
+    calls: list[tuple] = []
+
+    class Dom:
+        def name(self) -> str:
+            return "web1"
+
+        def UUIDString(self) -> str:  # noqa: N802
+            return "x"
+
+        def ID(self) -> int:  # noqa: N802
+            return 1
+
+        def pinVcpuFlags(self, n, cpumap, flags):  # noqa: N802
+            calls.append(("vcpu", n, cpumap))
+
+        def pinEmulator(self, cpumap, flags):  # noqa: N802
+            calls.append(("emulator", cpumap))
+
+    class Conn:
+        def lookupByName(self, name):  # noqa: N802
+            calls.append(("lookup", name))
+            return Dom()
+
+    clock = Clock()
+    owner = lv.LibvirtOwner(run_dir=tmp_path, clock=clock)
+    owner.events = lv.SelectorEventImpl(selectors.DefaultSelector(), clock)  # in a loop
+    owner.conn = Conn()
+    owner.ncpus = 2
+    (tmp_path / "web1.pid").write_text("4242\n")
+    threads = (Thread(10, "CPU 0/KVM", Role.VCPU, vcpu=0), Thread(11, "qemu", Role.EMULATOR))
+    v = vm(threads=threads)
+    real = {10: CpuSet.parse("0-1"), 11: CpuSet.parse("0-1"), 12: CpuSet.parse("1")}
+    monkeypatch.setattr(lv.os, "sched_getaffinity", lambda tid: set(real[tid].cpus))
+    monkeypatch.setattr(lv.os, "sched_setaffinity", lambda tid, cpus: None)
+    monkeypatch.setattr(lv.Path, "exists", lambda self: True)
+
+    status(tmp_path, "paused", "starting up")
+    ops = owner.ops_for(v)
+    assert isinstance(ops, lv.DeferredAffinity)
+    ops.set(4242, 10, CpuSet.parse("1"))
+    ops.set(4242, 11, CpuSet.parse("0"))
+    assert ops.get(10) == CpuSet.parse("1")  # what the reconciler reads back: kept
+    assert owner.ops_for(v).get(12) == CpuSet()  # libvirt will set it: not on any CPUs yet, for us
+    assert calls == []  # libvirt not asked while it starts the domain
+    assert owner.next_deadline() == clock.t + lv.DEFERRED_POLL
+    owner.run_due()
+    assert calls == [] and owner.deferred
+    status(tmp_path)  # the start job ended
+    clock.t += lv.DEFERRED_POLL
+    owner.run_due()
+    assert calls == [("lookup", "web1"), ("vcpu", 0, (False, True)), ("emulator", (True, False))]
+    assert not owner.deferred and owner.next_deadline() is None
+    assert isinstance(owner.ops_for(v), lv.LibvirtAffinity)
+
+    # a hotplug job: the new vCPU's pin waits for it, then is made at the next look
+    calls.clear()
+    status(tmp_path, job="<job type='modify' async='none'/>")
+    ops = owner.ops_for(v)
+    assert isinstance(ops, lv.DeferredAffinity) and ops.via(4242, 10) == "libvirt, once its modify job ends"
+    ops.set(4242, 10, CpuSet.parse("0"))
+    status(tmp_path)
+    assert isinstance(owner.ops_for(v), lv.LibvirtAffinity)
+    assert calls == [("vcpu", 0, (True, False))]
+
+    # the domain stopped with pins waiting: forgotten
+    status(tmp_path, "paused", "starting up")
+    owner.ops_for(v).set(4242, 10, CpuSet.parse("1"))
+    (tmp_path / "web1.pid").unlink()
+    clock.t += 1
+    owner.run_due()
+    assert not owner.deferred
+
+
+def test_outside_a_loop_pins_are_not_deferred(tmp_path: Path):
+    if lv.libvirt is None:
+        pytest.skip("libvirt-python not installed")
+    owner = lv.LibvirtOwner(run_dir=tmp_path)
+    (tmp_path / "web1.pid").write_text("4242\n")
+    status(tmp_path, "paused", "starting up")
+    owner.conn = type("Conn", (), {"lookupByName": lambda self, n: (_ for _ in ()).throw(lv.libvirt.libvirtError("x")),
+                                   "isAlive": lambda self: 1})()
+    assert owner.ops_for(vm()) is None  # `vcpud apply`: asks libvirt (and waits), never defers
