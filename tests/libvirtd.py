@@ -53,6 +53,19 @@ def check_installed() -> None:
         skip_or_fail("no /dev/kvm")
 
 
+MACHINE_CPUSET = Path("/sys/fs/cgroup/cpuset/machine/cpuset.cpus")
+
+
+def restore_machine_cpuset() -> None:
+    """cgroup v1 cpusets never regain a CPU that went offline: after a CPU hot-unplug (a test of
+    our own, or of anyone's) libvirt's `machine` cpuset keeps the shrunk list and `virsh start`
+    or a pin to that CPU fails. Write the online list back, as an operator would."""
+    if MACHINE_CPUSET.exists():
+        online = Path("/sys/devices/system/cpu/online").read_text().strip()
+        if MACHINE_CPUSET.read_text().strip() != online:
+            MACHINE_CPUSET.write_text(online)
+
+
 class Libvirtd:
     """libvirtd and virtlogd, running; ``stop()`` ends only what ``start()`` began."""
 
@@ -61,6 +74,7 @@ class Libvirtd:
         self.kvm_was: tuple[int, int] | None = None  # (gid, mode) of /dev/kvm before
 
     def start(self) -> None:
+        restore_machine_cpuset()
         st = os.stat("/dev/kvm")
         import grp
 

@@ -177,12 +177,18 @@ def owner_name(c: Confinement | None) -> str:
     return "cgroup" if c is not None and c.writable else "sched_setaffinity"
 
 
-def _prediction(cg: Cgroups, a: Assignment, affinity: CpuSet | None) -> dict[str, Any]:
-    """What pinning ``a`` would do: the thread's cgroup, the owner, and a predicted failure."""
+def _libvirt_owns(vm: VM) -> bool:
+    """libvirt started this VM (its pid file names it) and vcpud would pin it through libvirt."""
+    return libvirt_available() and LibvirtOwner().is_libvirts(vm)
+
+
+def _prediction(cg: Cgroups, a: Assignment, affinity: CpuSet | None, libvirt: bool = False) -> dict[str, Any]:
+    """What pinning ``a`` would do: the thread's cgroup, the owner, and a predicted failure
+    (none through libvirt: it moves its own cgroups)."""
     c = cg.confinement(a.pid, a.tid)
-    p = predict(a, c, cg) if affinity != a.cpus else None
+    p = predict(a, c, cg) if affinity != a.cpus and not libvirt else None
     return {
-        "via": owner_name(c),
+        "via": "libvirt" if libvirt else owner_name(c),
         "cgroup": None if c is None else {
             "path": c.path, "version": c.version, "owner": c.owner.value, "per_thread": c.per_thread,
             "effective": c.effective.format() if c.effective is not None else None},
@@ -270,11 +276,12 @@ def ps_json(found: Scan, plans: Sequence[VMPlan], cgroups: Cgroups | None = None
         vm = vp.vm
         threads = []
         status: str = vp.status
+        lv = cgroups is not None and vp.policy is not None and _libvirt_owns(vm)
         for t in vm.threads:
             a = vp.wanted(t.tid)
             pred: dict[str, Any] = {}
             if a is not None and cgroups is not None:
-                pred = _prediction(cgroups, a, t.affinity)
+                pred = _prediction(cgroups, a, t.affinity, lv)
                 pred.pop("confinement")
             ok = (a is None) or (a.cpus == t.affinity)
             if not ok and status in (VMStatus.PINNED, VMStatus.PLACED):
@@ -315,8 +322,9 @@ def _cgroup_lines(vp: VMPlan, cgroups: Cgroups | None, affinity: dict[int, CpuSe
         return []
     vias: set[str] = set()
     blocked: dict[str, tuple[Confinement, list[tuple[Assignment, str]]]] = {}
+    lv = _libvirt_owns(vp.vm)
     for a in vp.assignments:
-        p = _prediction(cgroups, a, affinity.get(a.tid) if affinity is not None else None)
+        p = _prediction(cgroups, a, affinity.get(a.tid) if affinity is not None else None, lv)
         vias.add(p["via"])
         c = p["confinement"]
         if p["would"] and c is not None:
@@ -446,8 +454,9 @@ def plan_json(vp: VMPlan, cfg: Config, isolated: CpuSet, cgroups: Cgroups | None
     threads: dict[str, dict[str, Any]] = {}
     if cgroups is not None and vm.pid > 0:
         affinity = {t.tid: t.affinity for t in vm.threads}
+        lv = _libvirt_owns(vm)
         for a in vp.assignments:
-            p = _prediction(cgroups, a, affinity.get(a.tid))
+            p = _prediction(cgroups, a, affinity.get(a.tid), lv)
             p.pop("confinement")
             threads[str(a.tid)] = {"label": a.label, "cpus": list(a.cpus), **p}
     return {

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable
 
+from . import bounded
 from .cpuset import CpuSet
 from .discovery import Role
 
@@ -501,10 +502,10 @@ class LibvirtOwner:
 
     def _pidfile(self, name: str) -> int:
         try:
-            text = (self.run_dir / f"{name}.pid").read_text().strip()
+            text = bounded.read_text(self.run_dir / f"{name}.pid", 64).strip()
         except (OSError, ValueError):
             return 0
-        return int(text) if text.isdigit() else 0
+        return int(text) if text.isascii() and text.isdigit() and len(text) <= 10 else 0
 
     # --- the router's question ----------------------------------------------------------
     def is_libvirts(self, vm: "VM") -> bool:

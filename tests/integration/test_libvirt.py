@@ -149,8 +149,20 @@ def started_on_policy(dom, vcpud) -> None:
 
 
 def test_contradicting_cputune_is_overridden_through_libvirt(tmp_path, vcpud):
+    import json
+
+    from tests.conftest import run_vcpud
+
     with domain(tmp_path, "tune", cputune=CONTRADICTING) as dom:
         started_on_policy(dom, vcpud)
+        # ps says which owner pins the domain's threads, and predicts no failure through it
+        out = json.loads(run_vcpud("ps", "--json", "--config", str(tmp_path / "vcpud.yaml"), check=True).stdout)
+        mine = [v for v in out["vms"] if v["pid"] == dom.pid()]
+        assert len(mine) == 1, (dom.pid(), [(v["pid"], v["name"]) for v in out["vms"]])
+        vm = mine[0]
+        pinned = [t for t in vm["threads"] if t["want"] is not None]
+        assert pinned and all(t["via"] == "libvirt" and t["would"] is None for t in pinned), pinned
+        assert vm["status"] == "pinned", vm["status"]
 
 
 def test_contradicting_vcpu_cpuset_is_overridden_through_libvirt(tmp_path, vcpud):

@@ -148,6 +148,9 @@ def test_cpu_hot_unplug_replaces_and_replug_reuses(env):
         assert vcpu_cpus(on0) == "0"  # the other one never moves
     finally:
         online_file.write_text("1")
+        from tests.libvirtd import restore_machine_cpuset
+
+        restore_machine_cpuset()  # libvirt's v1 `machine` cpuset would stay without CPU 1
     wait_for(lambda: vcpu_cpus(on1) == "1", timeout=5, what="VM placed on CPU 1 again")
     assert vcpu_cpus(on0) == "0"
     assert "online CPUs changed" in d.log()

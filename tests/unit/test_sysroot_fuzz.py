@@ -121,6 +121,11 @@ def _write(root: Path, files: Tree, special: dict[str, str]) -> None:
     for rel, kind in special.items():
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
+        # a special file replaces whatever the mutations put at that path before it
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
         if kind == "fifo":
             os.mkfifo(p)
         elif kind == "directory":
