@@ -116,11 +116,6 @@ class OsAffinity:
             raise ProcessLookupError(errno.ESRCH, "thread is gone")
         os.sched_setaffinity(tid, cpus.cpus)
 
-    def cpuset_of(self, tid: int) -> tuple[str, CpuSet | None]:
-        """The thread's cpuset cgroup and the CPUs it allows, to explain an EINVAL."""
-        c = self.cgroups.confinement(tid, tid)
-        return ("", None) if c is None else (c.path, c.effective)
-
 
 def classify_errno(e: OSError) -> Outcome:
     if e.errno == errno.ESRCH or isinstance(e, ProcessLookupError):

@@ -179,6 +179,33 @@ def test_cgroup_owner_only_for_libvirt_layouts_and_chain_falls_back(tmp_path, tr
     assert chain.ops_for(vms[named]) is owner.ops and chain.ops_for(vms[unnamed]) is fallback
 
 
+def test_cgroup_owner_reads_cgroups_once_per_vm_until_recheck(tmp_path, tree):
+    """Asked before every pin: a VM's cgroups are read once, and again only after ``recheck``."""
+    proc, root = tree.root, tmp_path / "cg"
+    named = tree.pid("named")
+    cgdir(root, "/qemu.slice/100.scope", "0-1", [named])
+    (proc / str(named) / "task" / str(named) / "cgroup").write_text(V1_LINES.format(path="/qemu.slice/100.scope"))
+    rec, _, _ = make(tree)
+    rec.rescan(ScanReason.STARTUP)
+    vm = rec.vms[named].vm
+    reads: list[int] = []
+    cg = Cgroups(proc, root)
+    real = cg.confinement
+    cg.confinement = lambda pid, tid: reads.append(tid) or real(pid, tid)  # type: ignore[method-assign]
+    now = [100.0]
+    owner = CgroupOwner(cg, clock=lambda: now[0], recheck=10.0)
+    assert [owner.ops_for(vm) for _ in range(50)] == [None] * 50
+    assert len(reads) == 1
+    # libvirt-style cgroups after all (someone moved it): seen at the next look, then for good
+    cgdir(root, "/machine/qemu-1-web.libvirt-qemu/emulator", "0-1", [named])
+    (proc / str(named) / "task" / str(named) / "cgroup").write_text(
+        V1_LINES.format(path="/machine/qemu-1-web.libvirt-qemu/emulator"))
+    assert owner.ops_for(vm) is None and len(reads) == 1
+    now[0] += 10.0
+    assert owner.ops_for(vm) is owner.ops and len(reads) == 2
+    assert [owner.ops_for(vm) for _ in range(50)] == [owner.ops] * 50 and len(reads) == 2
+
+
 class ScopeActuator:
     """The test reconciler's actuator inside a shared scope: EINVAL outside the scope's CPUs."""
 
