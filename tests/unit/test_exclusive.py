@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tests.proctree import ProcTree, load
 from tests.synth_topology import synth
-from tests.unit.test_reconciler import MemoryStore, affinity, make, unpin_all
+from tests.unit.test_reconciler import POOLED, MemoryStore, affinity, make, unpin_all
 from vcpud import state
 from vcpud.cpuset import CpuSet
 from vcpud.discovery import Role
@@ -19,16 +19,7 @@ from vcpud.reconciler import Reconciler, ScanReason
 from vcpud.vocab import VMStatus
 
 C = CpuSet.parse
-LEAVE = """
-executables: [/usr/bin/qemu-system-*]
-pools:
-  dedicated: {cpus: "%s", exclusive: true}
-policies:
-  - name: pooled
-    match: {name: "fixture-*"}
-    vcpus: {pool: dedicated}
-    on_exhausted: %s
-"""
+LEAVE = POOLED
 TOPO = synth(cores_per_node=(2,), smt=2)  # CPUs 0-3
 
 

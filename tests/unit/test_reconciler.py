@@ -350,16 +350,18 @@ def test_reload_repins_by_the_new_policy(tree):
 
 
 # --- pools and the state store -------------------------------------------------------------------
-POOLS = """
+# the fixture's named VMs in one exclusive pool: (the pool's CPUs, on_exhausted)
+POOLED = """
 executables: [/usr/bin/qemu-system-*]
 pools:
-  dedicated: {cpus: "1-3", exclusive: true}
+  dedicated: {cpus: "%s", exclusive: true}
 policies:
   - name: pooled
     match: {name: "fixture-*"}
     vcpus: {pool: dedicated}
-    on_exhausted: leave
+    on_exhausted: %s
 """
+POOLS = POOLED % ("1-3", "leave")
 
 
 def pooled_vcpus(rec: Reconciler, pid: int) -> tuple[int, ...]:
