@@ -9,7 +9,7 @@ from .cpuset import CpuSet
 from .discovery import ExeCheck, Scan
 from .holdings import FileStore, StateStore
 from .pinning import AffinityOps, Outcome, PinResult, Router
-from .placement import VMPlan
+from .placement import VMPlan, arrival_order
 from .procfs import Procfs
 from .reconciler import Reconciler, ScanReason
 
@@ -68,7 +68,8 @@ def reconcile(
     result = rec.rescan(ScanReason.STARTUP, pids)
     by_tid = {r.assignment.tid: r for r in result.pins}
     reports = []
-    for st in sorted(rec.vms.values(), key=lambda s: (s.vm.starttime, s.vm.pid)):
+    for vm in arrival_order(st.vm for st in rec.vms.values()):
+        st = rec.vms[vm.pid]
         if st.plan is None:
             continue
         reports.append(VMReport(st.plan, tuple(by_tid[a.tid] for a in st.plan.assignments if a.tid in by_tid)))
