@@ -193,7 +193,7 @@ class _Affinity(Protocol):  # pinning.AffinityOps, which imports this module
 
 class _SchedAffinity:
     def get(self, tid: int) -> CpuSet:
-        return CpuSet.of(os.sched_getaffinity(tid))
+        return CpuSet.of_kernel(os.sched_getaffinity(tid))
 
     def set(self, pid: int, tid: int, cpus: CpuSet) -> None:
         os.sched_setaffinity(tid, cpus.cpus)

@@ -87,6 +87,11 @@ class CpuSet:
         return cls(s)
 
     @classmethod
+    def of_kernel(cls, cpus: Iterable[int]) -> "CpuSet":
+        """The CPUs the kernel reported (sched_getaffinity): valid CPU numbers, not checked again."""
+        return cls(frozenset(cpus))
+
+    @classmethod
     def parse(cls, text: str | int) -> "CpuSet":
         """Parse a cpulist (``0-3,8``, ``0-15:2``) or a ``0x`` hex mask. Never empty."""
         if isinstance(text, bool):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import bounded
-from .activity import Stats
+from .activity import Stats, VcpuClock
 from .cgroups import CgroupOwner, Cgroups
 from .cpuset import CpuSet
 from .discovery import ExeCheck
@@ -142,6 +142,9 @@ class Daemon:
         # (tests/benchmarks/bench_metrics.py).
         sys.setswitchinterval(0.0005)
         self.open_sources()
+        # With the connector every FORK/COMM/EXIT of a known VM reaches the reconciler: its
+        # rescans re-check known VMs by task list and affinities (vcpud.recheck).
+        rec.trust_events = self.sources.connector is not None
         try:
             self.start_metrics()
             rec.rescan(ScanReason.STARTUP)
@@ -318,7 +321,7 @@ class Daemon:
             return
         from .metrics import MetricsServer
 
-        server = MetricsServer(lambda: self.snapshot)
+        server = MetricsServer(lambda: self.snapshot, VcpuClock(str(self.proc)))
         try:
             self.metrics_address = server.start(listen)
         except OSError as e:

@@ -190,7 +190,7 @@ class LibvirtAffinity:
         self.ncpus = ncpus
 
     def get(self, tid: int) -> CpuSet:
-        return CpuSet.of(os.sched_getaffinity(tid))
+        return CpuSet.of_kernel(os.sched_getaffinity(tid))
 
     def via(self, pid: int, tid: int) -> str:
         t = self.threads.get(tid)
@@ -242,7 +242,7 @@ class DeferredAffinity:
         kept = self.owner.deferred.get(self.vm.key)
         if kept is not None and tid in kept[1]:
             return kept[1][tid]
-        now = CpuSet.of(os.sched_getaffinity(tid))
+        now = CpuSet.of_kernel(os.sched_getaffinity(tid))
         # While libvirt starts the domain it sets every thread's CPUs itself, later: what the
         # thread has now says nothing, so every pin is kept for after the start (else a thread
         # already on its CPUs would be found moved by libvirt, as if it had drifted).

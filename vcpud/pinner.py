@@ -34,9 +34,11 @@ class Pinner:
         key = (a.cpus, c.path, c.effective, c.per_thread, now)
         return key, f"{c.path} {c.effective}"
 
-    def pin(self, st: VMState, a: Assignment, event_ns: int = 0) -> PinResult:
-        """Pin ``a`` through the VM's owner; record, count and say the outcome."""
+    def pin(self, st: VMState, a: Assignment, event_ns: int = 0, quiet: bool = False) -> PinResult:
+        """Pin ``a`` through the VM's owner; record, count and say the outcome (``quiet``: a
+        success at debug level only, the caller says it for the whole VM)."""
         ops = self.router.ops_for(st.vm)
+        st.dirty = True
         vm, policy = st.vm, st.policy.name if st.policy else None
         held = st.blocked.get(a.tid)
         if held is not None:
@@ -56,10 +58,11 @@ class Pinner:
         if r.outcome is Outcome.PINNED:
             if event_ns:
                 self.stats.latency_hist.observe(since(event_ns))
-            after = f" ({since(event_ns) * 1e6:.0f} us after the event)" if event_ns else ""
-            log.info("pinned VM %s tid %d (%s) to %s by %s%s%s", vm.display_name, a.tid, a.label, a.cpus, a.rule,
-                     after, f" via {r.via}" if r.via and r.via != "sched_setaffinity" else "",
-                     extra=journal_fields(vm, policy, a))
+            if not quiet:  # else the caller says it, with the VM's other threads
+                after = f" ({since(event_ns) * 1e6:.0f} us after the event)" if event_ns else ""
+                log.info("pinned VM %s tid %d (%s) to %s by %s%s%s", vm.display_name, a.tid, a.label, a.cpus, a.rule,
+                         after, f" via {r.via}" if r.via and r.via != "sched_setaffinity" else "",
+                         extra=journal_fields(vm, policy, a))
         elif r.outcome is Outcome.VANISHED:
             self.stats.vanished += 1
         elif not r.outcome.ok:

@@ -13,13 +13,14 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Hashable, Iterable
 
-from .activity import Stats, sample_vcpu_time
+from .activity import Stats
 from .cpuset import CpuSet
-from .discovery import VM, ExeCheck, Scan, classify_new_thread, scan, verify_executable
+from .discovery import VM, ExeCheck, Scan, Thread, classify_new_thread, scan, verify_executable
 from .holdings import Ledger, StateStore
 from .pinner import Pinner
 from .pinning import AffinityOps, Direct, Outcome, PinResult, Router
-from .vmstate import VMState, journal_fields, say_once
+from .recheck import Recheck, recheck
+from .vmstate import Bulk, VMState, journal_fields, same_rules, say_once
 from .placement import Assignment, PoolDecision, arrival_order, assign, plan_vm
 from .pools import Allocation
 from .procfs import Procfs, Vanished
@@ -78,11 +79,17 @@ class Reconciler:
         # (no "found VM", no pins), looked at again until they show one or exit
         self.starting: dict[int, int] = {}
         self.rescan_wanted = False  # events were lost: the caller should rescan soon
+        # The caller hears every FORK/COMM/EXIT of known VMs (the proc connector): rescans then
+        # re-check known VMs by task list and affinities only, until events are lost.
+        self.trust_events = False
+        self.events_lost = False
+        self._reread = False  # the next rescan reads every process whole (executables changed)
+        self._inputs_changed = False  # a reload changed what every plan depends on
         self.changed = True  # what readers see moved since the caller last published
 
-    def _pin(self, st: VMState, a: Assignment, event_ns: int = 0) -> PinResult:
+    def _pin(self, st: VMState, a: Assignment, event_ns: int = 0, quiet: bool = False) -> PinResult:
         self.changed = True
-        return self.pinner.pin(st, a, event_ns)
+        return self.pinner.pin(st, a, event_ns, quiet)
 
     @property
     def allocations(self) -> dict[Hashable, Allocation]:
@@ -146,6 +153,7 @@ class Reconciler:
 
     def on_events_lost(self) -> None:
         self.rescan_wanted = True
+        self.events_lost = True  # renames may have been missed: the rescan re-reads names too
 
     # --- timers ---------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -170,22 +178,31 @@ class Reconciler:
 
     # --- whole passes ---------------------------------------------------------------------
     def rescan(self, reason: ScanReason = ScanReason.PERIODIC, pids: Iterable[int] | None = None) -> RescanResult:
-        """Scan /proc (or only ``pids``): new VMs, lost events, and drift; pin what is off."""
+        """Scan /proc (or only ``pids``): new VMs, lost events, and drift; pin what is off.
+
+        Known VMs get a second look (:mod:`vcpud.recheck`: task list and affinities) unless this
+        is the first look, ``pids`` are named or the executables changed; only new processes and
+        VMs that look different are read whole."""
         t0 = time.perf_counter()
         log.debug("full scan (%s)", reason.value)
         self.stats.rescans += 1
         self.rescan_wanted = False
-        pids = None if pids is None else list(pids)
-        # A periodic rescan refreshes unchanged VMs cheaply; otherwise every VM is read afresh
-        # (after a reload its policy may want other threads).
-        known = {pid: st.vm for pid, st in self.vms.items()} if reason is ScanReason.PERIODIC else None
-        found = scan(self.procfs, self.config.executables, pids, known=known, exe_check=self.exe_check)
+        careful, self.events_lost = self.events_lost or not self.trust_events, False
+        kept: dict[int, Recheck] = {}
+        todo: list[int] | None = None if pids is None else list(pids)
+        if todo is None and reason is not ScanReason.STARTUP and not self._reread:
+            kept = self._recheck(careful)
+            listed = self.procfs.pids()
+            self.not_vm &= set(listed)  # exits lost to a connector overrun leave stale entries
+            # Without trusted events a PID known not to be a VM may have been reused unseen.
+            skip = self.not_vm if not careful else set()
+            todo = [p for p in listed if p not in kept and p not in skip]
+        found = scan(self.procfs, self.config.executables, todo, exe_check=self.exe_check)
         self.stats.vanished += found.vanished
-        alive = {vm.pid for vm in found.vms}
-        if pids is None:
-            # Exits lost to a connector overrun would leave stale entries behind.
-            self.not_vm &= set(self.procfs.pids())
-        for pid in list(self.vms) if pids is None else pids:
+        self.not_vm |= set(found.not_vms)
+        read = {vm.pid for vm in found.vms}
+        alive = read | set(kept)
+        for pid in list(self.vms) if pids is None else list(todo or ()):
             if pid not in alive:
                 self.forget(pid)
         if pids is None:
@@ -193,19 +210,56 @@ class Reconciler:
         self._await_guest(found.starting)
         if reason is ScanReason.STARTUP:
             self.ledger.start(self.config, arrival_order(found.vms), self.online, self.topology)
-        others = [st.vm for pid, st in self.vms.items() if pid not in alive]
+        others = [st.vm for pid, st in self.vms.items() if pid not in read]
         # At startup the store is rewritten whole: it may have been corrupt, or name dead VMs.
         decisions = self.ledger.place(self.config, self.topology, others + list(found.vms),
                                       save=reason is ScanReason.STARTUP and bool(self.allocations))
         pins: list[PinResult] = []
         for vm in arrival_order(found.vms):
             pins += self._apply_vm(vm, decisions.get(vm.key, PoolDecision()))
+        replan = reason in (ScanReason.RELOAD, ScanReason.TOPOLOGY)
+        for pid, r in kept.items():
+            pins += self._settle(self.vms[pid], r, decisions.get(r.vm.key, PoolDecision()), replan)
         self._follow_decisions(decisions, alive)
-        sample_vcpu_time(self.stats, self.procfs,
-                         ((st.vm.pid, a) for st in self.vms.values() for a in st.wanted.values()))
+        self._reread = self._inputs_changed = False
         self.stats.reconcile_hist.observe(time.perf_counter() - t0)
-        self.changed = True  # CPU times, counters and the reconcile histogram moved
+        self.changed = True  # counters and the reconcile histogram moved
         return RescanResult(scan=found, pins=tuple(pins))
+
+    def _recheck(self, careful: bool) -> dict[int, Recheck]:
+        """A second look at every known VM: pid -> what changed, for those still the same VM."""
+        out: dict[int, Recheck] = {}
+        for pid, st in list(self.vms.items()):
+            try:
+                r = recheck(self.procfs, st.vm, st.wanted, self.pinner.router.ops_for(st.vm), careful)
+            except Vanished:
+                self.stats.vanished += 1
+                continue  # gone, or to be read whole
+            if r is not None:
+                out[pid] = r
+        return out
+
+    def _settle(self, st: VMState, r: Recheck, decision: PoolDecision, replan: bool) -> list[PinResult]:
+        """Bring a re-checked VM in line: re-plan it if its policy, pool CPUs or inputs changed;
+        otherwise place its new threads, put back what was moved and retry what failed."""
+        for tid in r.gone:
+            st.forget_thread(tid)
+        if r.vm is not st.vm:
+            st.vm, st.dirty = r.vm, True
+        if r.gone or r.new:
+            self.changed = True
+        policy = self.config.select(st.vm) if replan else st.policy
+        if decision != st.decision or not same_rules(policy, st.policy) or (replan and self._inputs_changed):
+            return self._apply_vm(st.vm, decision)
+        for t in r.new:
+            self._place_thread(st, t)
+        bulk = Bulk(st)
+        for a, now in r.drifted:
+            bulk.moved(a, now, self._pin(st, a, quiet=True))
+        for failed in list(st.failed.values()):
+            bulk.add(self._pin(st, failed.assignment, quiet=True))
+        self.stats.drift_corrections += bulk.say()
+        return bulk.results
 
     def look_at(self, pids: list[int]) -> None:
         """Read these processes afresh (a VM that is starting, one that must be re-placed)."""
@@ -244,8 +298,14 @@ class Reconciler:
                 self._apply_vm(st.vm, new)
 
     def reload(self, config: "Config", online: CpuSet, topology: "Topology | None") -> tuple[int, int]:
-        """Take a new (valid) policy and re-pin by it: (VMs re-pinned, threads changed)."""
+        """Take a new (valid) policy and re-pin by it: (VMs re-pinned, threads changed). VMs whose
+        policy, pool CPUs and plan inputs are unchanged are not re-planned, only re-checked."""
         old_pins = {(pid, tid): a.cpus for pid, st in self.vms.items() for tid, a in st.wanted.items()}
+        old = self.config
+        self._reread = config.executables != old.executables
+        self._inputs_changed = (config.pools != old.pools or online != self.online
+                                or (topology.isolated if topology else None) != (self.topology.isolated if
+                                                                                   self.topology else None))
         self.config = config
         self.online = online
         self.topology = topology
@@ -261,6 +321,7 @@ class Reconciler:
         if online == self.online:
             return False
         log.warning("online CPUs changed from %s to %s: re-placing VMs", self.online, online)
+        self._inputs_changed = True
         self.online = online
         self.topology = topology
         self.rescan(ScanReason.TOPOLOGY)
@@ -309,21 +370,21 @@ class Reconciler:
             log.warning("VM %s %s: %s", vm.display_name, vp.status, vp.reason, extra=journal_fields(vm, vp.policy))
         for problem in vp.problems:
             say_once(st, 0, problem, "VM %s: %s", vm.display_name, problem, extra=journal_fields(vm, vp.policy))
-        results = []
+        bulk = Bulk(st)
         for a in vp.assignments:
             before = prev.wanted.get(a.tid) if prev else None
-            r = self._pin(st, a)
-            if r.outcome is Outcome.PINNED and before is not None and before.cpus == a.cpus:
-                self.stats.drift_corrections += 1
-                log.warning("VM %s tid %d (%s) had been moved to %s; put back on %s", vm.display_name, a.tid,
-                            a.label, r.before, a.cpus, extra=journal_fields(vm, vp.policy, a))
-            results.append(r)
+            r = self._pin(st, a, quiet=True)
+            if before is not None and before.cpus == a.cpus:
+                bulk.moved(a, r.before, r)
+            else:
+                bulk.add(r)
+        self.stats.drift_corrections += bulk.say()
         self.vms[vm.pid] = st
         self.changed = True
         if policy is not None and not st.complete and st.followup < len(FOLLOWUP_DELAYS):
             self.due[vm.pid] = self.clock() + FOLLOWUP_DELAYS[st.followup]
             st.followup += 1
-        return results
+        return bulk.results
 
     def _pin_thread(self, st: VMState, tid: int, event_ns: int = 0) -> None:
         """Fast path: one new or renamed thread of a known VM."""
@@ -337,7 +398,11 @@ class Reconciler:
             self.due[st.vm.pid] = min(self.due.get(st.vm.pid, float("inf")), self.clock())
             return
         st.vm = replace(st.vm, threads=tuple(x for x in st.vm.threads if x.tid != tid) + (t,))
-        self.changed = True
+        self._place_thread(st, t, event_ns)
+
+    def _place_thread(self, st: VMState, t: Thread, event_ns: int = 0) -> None:
+        """Pin one thread of a known VM (already in its model) by the VM's plan."""
+        self.changed = st.dirty = True
         if st.policy is None:
             return
         if st.outgrows_allocation(t):
@@ -345,10 +410,10 @@ class Reconciler:
             return
         rule = assign(t, st.vm, st.policy, self.config, st.decision, self.isolated)
         if rule is None:
-            st.wanted.pop(tid, None)
+            st.wanted.pop(t.tid, None)
             return
         usable = rule[1] & self.online
         if not usable:
             return
-        a = Assignment(pid=st.vm.pid, tid=tid, label=t.label, role=t.role, cpus=usable, rule=rule[0])
+        a = Assignment(pid=st.vm.pid, tid=t.tid, label=t.label, role=t.role, cpus=usable, rule=rule[0])
         self._pin(st, a, event_ns)

@@ -98,8 +98,10 @@ class Snapshot:
     online: CpuSet = CpuSet()
     vms: tuple[VMView, ...] = ()
     pools: tuple[PoolView, ...] = ()
-    # CPU time of vCPU threads pinned to exactly that CPU, accumulated (monotonic) per CPU
+    # CPU time of vCPU threads pinned to exactly that CPU, accumulated (monotonic) per CPU: filled
+    # in at scrape time from pinned_vcpus (activity.VcpuClock)
     vcpu_seconds: Mapping[int, float] = field(default_factory=lambda: _frozen({}))
+    pinned_vcpus: tuple[tuple[int, int, int], ...] = ()  # (pid, tid, cpu) of vCPUs pinned to one CPU
     pin_operations: Mapping[Outcome, int] = field(default_factory=lambda: _frozen({}))
     drift_corrections: int = 0
     events: Mapping[EventSource, int] = field(default_factory=lambda: _frozen({}))
