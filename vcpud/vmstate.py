@@ -115,9 +115,11 @@ class Bulk:
 
     def moved(self, a: Assignment, now: CpuSet | None, r: PinResult) -> None:
         """``r`` pinned a thread that had been pinned to ``a`` already and was found on ``now``."""
-        self.add(r)
-        if r.outcome is Outcome.PINNED:
-            self._back.append((a, now))
+        if r.outcome is not Outcome.PINNED:
+            self.add(r)
+            return
+        self.results.append(r)
+        self._back.append((a, now))
 
     def say(self) -> int:
         """Log what this pass did; returns the threads put back (drift corrections)."""
