@@ -344,10 +344,10 @@ def bench_reconcile(d: DaemonProc, port: int, tids: dict[int, int], seed_drift: 
                  f"median {ms(rec)} ({', '.join(ms(x) for x in took)})", rel(seed_drift, rec)))
 
 
-def bench_cpu(d: DaemonProc, what: str, seconds: float, seed_pct: float, rows: Rows, flood: int = 0,
-              floods: list[subprocess.Popen] | None = None) -> None:
+def bench_cpu(d: DaemonProc, what: str, seconds: float, seed_pct: float, rows: Rows, floods: list[subprocess.Popen],
+              flood: int = 0) -> None:
     """The daemon's CPU over `seconds`, with a `flood` of forks a second meanwhile if not 0."""
-    fl = start_flood(flood, floods if floods is not None else []) if flood else None
+    fl = start_flood(flood, floods) if flood else None
     time.sleep(1 if fl else 2)
     cpu, pct, fps = cpu_pct(d.pid, seconds)
     if fl is not None:
@@ -406,10 +406,10 @@ def main() -> None:
             # The seed's way keeps nothing running: to catch drift as the daemon does it would run every
             # rescan_interval; its CPU time per pass over that interval is what the CPU rows compare with.
             seed_pct = seed_cpu / RESCAN_S * 100
-            bench_cpu(d, f"idle daemon, {vms} VMs, nothing changing", idle_s, seed_pct, rows)
+            bench_cpu(d, f"idle daemon, {vms} VMs, nothing changing", idle_s, seed_pct, rows, floods)
             for rate in (int(r) for r in a.flood_rates.split(",") if r):
                 bench_cpu(d, f"same, while another process forks and exits {rate:,}/s", a.flood_seconds or idle_s,
-                          seed_pct, rows, rate, floods)
+                          seed_pct, rows, floods, rate)
 
             lat, also = event_path(tmp, d, port, guests, floods, n_io, a.event_flood_rate)
             rows.append(("daemon resident memory (VmRSS) after all of this", f"{rss_kib(d.pid) / 1024:.1f} MiB",
