@@ -147,6 +147,12 @@ class Reconciler:
     def on_events_lost(self) -> None:
         self.rescan_wanted = True
 
+    def watched(self) -> frozenset[int]:
+        """The processes whose fork, comm and exit events matter: the VMs, the -daemonize qemus
+        awaiting their guest, and those due for a look (a kvm uevent's, a follow-up's). Every
+        exec matters, and so does a thread named as a vCPU or IO thread anywhere (procfilter)."""
+        return frozenset(self.vms.keys() | self.starting.keys() | self.due.keys())
+
     # --- timers ---------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """When run_due() has work next (follow-ups, threads awaiting a name), if ever."""
