@@ -378,3 +378,15 @@ def test_kernel_agrees_with_the_interpreter_on_random_messages():
             assert k.passes(data) == vm.passes(data) == should_pass(data, watched, DAEMON_KINDS), data.hex()
     finally:
         k.close()
+
+
+def test_layout_agrees_with_the_parser():
+    from vcpud import procconn
+
+    assert procfilter.EVENT_CODES == procconn.EVENT_CODES
+    assert (procfilter.NLMSG_DONE, procfilter.CN_IDX_PROC, procfilter.CN_VAL_PROC) == (
+        procconn.NLMSG_DONE, procconn.CN_IDX_PROC, procconn.CN_VAL_PROC)
+    assert procfilter.WHAT_AT == procconn._PROC_EVENT_AT == 36
+    assert procfilter.PROCESS_TGID_AT == procconn._PROC_EVENT_AT + procconn._PROC_EVENT.size + 4
+    assert procfilter.CHILD_TGID_AT == procconn._PROC_EVENT_AT + procconn._PROC_EVENT.size + 12
+    assert procfilter.COMM_AT == procconn._PROC_EVENT_AT + procconn._PROC_EVENT.size + 8
