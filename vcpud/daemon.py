@@ -168,6 +168,7 @@ class Daemon:
     def turn(self) -> None:
         """One loop iteration: wait for an event or the next timer, then do what is due."""
         rec = self.reconciler
+        self.sources.watch(rec.watched())  # before sleeping: the kernel drops what no VM needs
         timers = [self.next_rescan]
         due = rec.next_deadline()
         if due is not None:

@@ -155,6 +155,12 @@ class Reconciler:
         self.rescan_wanted = True
         self.events_lost = True  # renames may have been missed: the rescan re-reads names too
 
+    def watched(self) -> frozenset[int]:
+        """The processes whose fork, comm and exit events matter: the VMs, the -daemonize qemus
+        awaiting their guest, and those due for a look (a kvm uevent's, a follow-up's). Every
+        exec matters, and so does a thread named as a vCPU or IO thread anywhere (procfilter)."""
+        return frozenset(self.vms.keys() | self.starting.keys() | self.due.keys())
+
     # --- timers ---------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """When run_due() has work next (follow-ups, threads awaiting a name), if ever."""
