@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Hashable
 
 from .discovery import VM, Role, Thread
@@ -44,8 +44,12 @@ class VMState:
                 and held is not None and t.vcpu is not None and t.vcpu >= len(held.vcpus))
 
     def forget_thread(self, tid: int) -> None:
+        """A thread exited: drop it, from the VM's threads too (else they pile up until the next
+        rescan, and every snapshot and every new thread's pin walks them)."""
         for d in (self.wanted, self.failed, self.results, self.blocked):
             d.pop(tid, None)
+        if any(t.tid == tid for t in self.vm.threads):
+            self.vm = replace(self.vm, threads=tuple(t for t in self.vm.threads if t.tid != tid))
 
     @property
     def complete(self) -> bool:

@@ -241,6 +241,8 @@ def test_thread_exit_forgets_it(tree):
     tree.remove_thread(named, io)
     rec.on_exit(io, named)
     assert io not in rec.vms[named].wanted
+    # gone from the VM's threads too: not shown in snapshots, nor walked for each new thread
+    assert io not in {t.tid for t in rec.vms[named].vm.threads}
 
 
 def test_vm_exit_forgets_the_vm(tree):
