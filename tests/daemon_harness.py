@@ -63,14 +63,15 @@ class NotifySocket:
 
 
 class DaemonProc:
-    def __init__(self, tmp: Path, config: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, config: Path, *extra: str, env: dict[str, str] | None = None,
+                 module: str = "vcpud") -> None:
         self.notify = NotifySocket(tmp / f"notify-{time.monotonic_ns()}.sock")
         self.log_path = tmp / f"vcpud-{time.monotonic_ns()}.log"
         env = dict(os.environ, NOTIFY_SOCKET=str(self.notify.path), PYTHONPATH=str(REPO), **(env or {}))
         env.pop("JOURNAL_STREAM", None)
         self.log_file = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vcpud", "run", "--config", str(config), "--log-level", "debug",
+            [sys.executable, "-m", module, "run", "--config", str(config), "--log-level", "debug",
              # tests run many daemons: none takes the default metrics port unless asked to
              *(() if "--metrics-listen" in extra else ("--metrics-listen", "off")), *extra],
             stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=subprocess.STDOUT, env=env)

@@ -235,7 +235,7 @@ class Daemon:
             if ev.what == "comm":
                 rec.on_comm(ev.pid, ev.tgid, ev.timestamp_ns)
             elif ev.what == "fork":
-                rec.on_fork(ev.pid, ev.tgid)
+                rec.on_fork(ev.pid, ev.tgid, ev.timestamp_ns)
             elif ev.what == "exec":
                 rec.on_exec(ev.tgid)
             elif ev.what == "exit":

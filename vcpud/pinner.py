@@ -63,8 +63,14 @@ class Pinner:
                 log.info("pinned VM %s tid %d (%s) to %s by %s%s%s", vm.display_name, a.tid, a.label, a.cpus, a.rule,
                          after, f" via {r.via}" if r.via and r.via != "sched_setaffinity" else "",
                          extra=journal_fields(vm, policy, a))
+        elif r.outcome is Outcome.UNCHANGED and event_ns:
+            # An event about a thread already where it belongs (it inherited the CPUs): no pin, no latency.
+            log.debug("VM %s tid %d (%s) already on %s (%s): nothing to pin", vm.display_name, a.tid, a.label,
+                      a.cpus, a.rule, extra=journal_fields(vm, policy, a))
         elif r.outcome is Outcome.VANISHED:
             self.stats.vanished += 1
+            log.debug("VM %s tid %d (%s) exited before it was pinned (%s)", vm.display_name, a.tid, a.label,
+                      r.detail, extra=journal_fields(vm, policy, a))
         elif not r.outcome.ok:
             blocker = self.blocker(ops, a) if r.outcome in (Outcome.OUTSIDE_CPUSET, Outcome.MISMATCH) \
                 and not self.dry_run else None

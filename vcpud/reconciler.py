@@ -74,7 +74,8 @@ class Reconciler:
         self.vms: dict[int, VMState] = {}
         self.not_vm: set[int] = set()  # tgids known not to be VMs (until they exec or exit)
         self.due: dict[int, float] = {}  # pid -> when to look at that process again
-        self.unnamed: dict[int, tuple[int, float]] = {}  # tid -> (tgid, when): new threads awaiting a name
+        # tid -> (tgid, when, the FORK's timestamp): new threads awaiting a name
+        self.unnamed: dict[int, tuple[int, float, int]] = {}
         # -daemonize qemu processes with no guest yet (Scan.starting) -> follow-ups done: not VMs
         # (no "found VM", no pins), looked at again until they show one or exit
         self.starting: dict[int, int] = {}
@@ -107,10 +108,10 @@ class Reconciler:
         self.forget(tgid)
         self._consider(tgid)
 
-    def on_fork(self, pid: int, tgid: int) -> None:
+    def on_fork(self, pid: int, tgid: int, event_ns: int = 0) -> None:
         if tgid in self.vms and pid != tgid:
             # Named threads are pinned on their COMM event; give the rename a moment.
-            self.unnamed[pid] = (tgid, self.clock() + UNNAMED_GRACE)
+            self.unnamed[pid] = (tgid, self.clock() + UNNAMED_GRACE, event_ns)
 
     def on_comm(self, pid: int, tgid: int, event_ns: int = 0) -> None:
         st = self.vms.get(tgid)
@@ -164,18 +165,18 @@ class Reconciler:
     # --- timers ---------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """When run_due() has work next (follow-ups, threads awaiting a name), if ever."""
-        times = list(self.due.values()) + [t for _, t in self.unnamed.values()]
+        times = list(self.due.values()) + [t for _, t, _ in self.unnamed.values()]
         return min(times) if times else None
 
     def run_due(self, now: float | None = None, budget: float = TURN_BUDGET) -> None:
         now = self.clock() if now is None else now
         deadline = self.clock() + budget
-        for tid, (tgid, when) in list(self.unnamed.items()):
+        for tid, (tgid, when, event_ns) in list(self.unnamed.items()):
             if when <= now:
                 del self.unnamed[tid]
                 st = self.vms.get(tgid)
                 if st is not None:
-                    self._pin_thread(st, tid)
+                    self._pin_thread(st, tid, event_ns)  # its latency counts from the FORK
         for _, pid in sorted((t, p) for p, t in self.due.items() if t <= now):
             del self.due[pid]
             self.look_at([pid])
@@ -398,6 +399,7 @@ class Reconciler:
             snap = self.procfs.thread(st.vm.pid, tid)
         except Vanished:
             self.stats.vanished += 1
+            log.debug("VM %s tid %d exited before it could be read", st.vm.display_name, tid)
             return
         t = classify_new_thread(st.vm, snap)
         if t is None:

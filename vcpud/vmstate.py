@@ -49,9 +49,13 @@ class VMState:
                 and held is not None and t.vcpu is not None and t.vcpu >= len(held.vcpus))
 
     def forget_thread(self, tid: int) -> None:
+        """A thread exited: drop it, from the VM's threads too (else they pile up until the next
+        rescan, and every snapshot and every new thread's pin walks them)."""
         self.dirty = True
         for d in (self.wanted, self.failed, self.results, self.blocked):
             d.pop(tid, None)
+        if any(t.tid == tid for t in self.vm.threads):
+            self.vm = replace(self.vm, threads=tuple(t for t in self.vm.threads if t.tid != tid))
 
     @property
     def complete(self) -> bool:

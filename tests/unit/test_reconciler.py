@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from pathlib import Path
 from textwrap import dedent
 from typing import Any, Mapping
@@ -222,6 +223,21 @@ def test_thread_never_named_is_judged_after_the_grace(tree):
     assert act.moved()[15001] == C("0")  # a named VM's unnamed thread is an emulator thread
 
 
+def test_a_pin_after_the_grace_is_timed_from_the_fork_event(tree, caplog):
+    named = tree.pid("named")
+    rec, act, clock = make(tree)
+    rec.rescan(ScanReason.STARTUP)
+    tree.add_thread(named, 15001, "qemu-system-x86")
+    tree.set_affinity(named, 15001, [3])
+    rec.on_fork(15001, named, time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+    clock.advance(UNNAMED_GRACE)
+    with caplog.at_level(logging.INFO, logger="vcpud"):
+        rec.run_due()
+    assert act.moved()[15001] == C("0")
+    assert rec.stats.latency_hist.view().count == 1  # an event-driven pin: in vcpud_pin_latency_seconds
+    assert "us after the event)" in caplog.text
+
+
 def test_hotplugged_vcpu_gets_its_rule(tree):
     named = tree.pid("named")
     rec, act, _ = make(tree)
@@ -241,6 +257,8 @@ def test_thread_exit_forgets_it(tree):
     tree.remove_thread(named, io)
     rec.on_exit(io, named)
     assert io not in rec.vms[named].wanted
+    # gone from the VM's threads too: not shown in snapshots, nor walked for each new thread
+    assert io not in {t.tid for t in rec.vms[named].vm.threads}
 
 
 def test_vm_exit_forgets_the_vm(tree):
