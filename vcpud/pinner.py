@@ -1,15 +1,21 @@
-"""Pinning one thread of a VM through its owner, and keeping the account: counted by outcome,
-said once per (thread, reason), and a cgroup refusal not retried until what it depended on changes."""
+"""Pinning a VM's threads through its owner, and keeping the account: counted by outcome, said
+once per (thread, reason) or in one line per VM for a whole plan, and a cgroup refusal not
+retried until what it depended on changes."""
 
 from __future__ import annotations
 
 import logging
-from typing import Hashable
+from typing import TYPE_CHECKING, Hashable, Iterable
 
 from .activity import Stats
 from .pinning import AffinityOps, Outcome, PinResult, Router, confinement, pin_one
-from .placement import Assignment
-from .vmstate import VMState, journal_fields, say_once, since
+from .cpuset import CpuSet
+from .discovery import Thread
+from .placement import Assignment, assign
+from .vmstate import Bulk, VMState, journal_fields, say_once, since
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger("vcpud.reconciler")
 
@@ -93,3 +99,47 @@ class Pinner:
         elif r.outcome is not Outcome.VANISHED:
             st.failed[a.tid] = r
         return r
+
+    # --- one VM ---------------------------------------------------------------------------
+    def pin_plan(self, st: VMState, prev: VMState | None) -> list[PinResult]:
+        """Pin every assignment of ``st.plan``; a thread ``prev`` had pinned to the same CPUs and
+        that is found elsewhere was moved by someone (drift, counted). One log line for the VM."""
+        bulk = Bulk(st)
+        for a in st.plan.assignments if st.plan is not None else ():
+            before = prev.wanted.get(a.tid) if prev else None
+            r = self.pin(st, a, quiet=True)
+            if before is not None and before.cpus == a.cpus:
+                bulk.moved(a, r.before, r)
+            else:
+                bulk.add(r)
+        self.stats.drift_corrections += bulk.say()
+        return bulk.results
+
+    def put_back(self, st: VMState, drifted: Iterable[tuple[Assignment, CpuSet]]) -> list[PinResult]:
+        """Under an unchanged plan: put back the threads found moved, try the failed ones again."""
+        bulk = Bulk(st)
+        for a, now in drifted:
+            bulk.moved(a, now, self.pin(st, a, quiet=True))
+        for failed in list(st.failed.values()):
+            bulk.add(self.pin(st, failed.assignment, quiet=True))
+        self.stats.drift_corrections += bulk.say()
+        return bulk.results
+
+    def place(self, st: VMState, t: Thread, config: "Config", online: CpuSet, isolated: CpuSet,
+              event_ns: int = 0) -> bool:
+        """Pin one new or renamed thread by its VM's policy and pool decision. False when the VM
+        must be planned again first (a vCPU hot-plugged past the pool CPUs it holds)."""
+        st.dirty = True
+        if st.policy is None:
+            return True
+        if st.outgrows_allocation(t):
+            return False
+        rule = assign(t, st.vm, st.policy, config, st.decision, isolated)
+        if rule is None:
+            st.wanted.pop(t.tid, None)
+            return True
+        usable = rule[1] & online
+        if usable:
+            self.pin(st, Assignment(pid=st.vm.pid, tid=t.tid, label=t.label, role=t.role, cpus=usable, rule=rule[0]),
+                     event_ns)
+        return True

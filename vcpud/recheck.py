@@ -12,12 +12,17 @@ careful look also re-reads the start time, the executable and every thread's nam
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Mapping
 
 from .cpuset import CpuSet
 from .discovery import VM, Role, Thread, classify_new_thread, refresh_vm
-from .pinning import AffinityOps
+from .pinning import AffinityOps, Router
 from .placement import Assignment
 from .procfs import Procfs, Vanished
+
+if TYPE_CHECKING:
+    from .activity import Stats
+    from .vmstate import VMState
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,22 @@ def recheck(procfs: Procfs, vm: VM, wanted: dict[int, Assignment], ops: Affinity
     if changed or gone:
         vm = replace(vm, threads=tuple(threads), vanished_threads=0)
     return Recheck(vm=vm, new=tuple(new), gone=gone, drifted=_drifted(vm, wanted, ops, seen))
+
+
+def recheck_all(procfs: Procfs, vms: Mapping[int, "VMState"], router: Router, careful: bool,
+                stats: "Stats") -> dict[int, Recheck]:
+    """A second look at every known VM: pid -> what changed, for those still the same VM (the
+    others, gone or to be read whole, are left out)."""
+    out: dict[int, Recheck] = {}
+    for pid, st in vms.items():
+        try:
+            r = recheck(procfs, st.vm, st.wanted, router.ops_for(st.vm), careful)
+        except Vanished:
+            stats.vanished += 1
+            continue
+        if r is not None:
+            out[pid] = r
+    return out
 
 
 def _drifted(vm: VM, wanted: dict[int, Assignment], ops: AffinityOps,

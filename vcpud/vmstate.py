@@ -42,6 +42,15 @@ class VMState:
     view: Any = None
     dirty: bool = True
 
+    @classmethod
+    def after(cls, prev: "VMState | None", vm: VM, policy: "Policy | None", decision: PoolDecision,
+              now: float) -> "VMState":
+        """The state of a VM read afresh: what was said, tried and followed up carries over."""
+        if prev is None:
+            return cls(vm=vm, policy=policy, first_seen=now, decision=decision)
+        return cls(vm=vm, policy=policy, first_seen=prev.first_seen, followup=prev.followup, decision=decision,
+                   said=prev.said, blocked=prev.blocked)
+
     def outgrows_allocation(self, t: Thread) -> bool:
         """A vCPU hot-plugged beyond the pooled CPUs the VM holds: it needs a bigger allocation."""
         held = self.decision.allocation
@@ -144,3 +153,23 @@ class Bulk:
                         "; ".join(f"tid {a.tid} ({a.label}) {now} -> {a.cpus}" for a, now in self._back),
                         extra=journal_fields(vm, policy))
         return len(self._back)
+
+
+def say_exit(st: VMState) -> None:
+    log.info("VM %s (pid %d) exited", st.vm.display_name, st.vm.pid,
+             extra=journal_fields(st.vm, st.policy.name if st.policy else None))
+
+
+def say_plan(st: VMState, prev: VMState | None) -> None:
+    """Log a VM found, a plan whose status has a reason that changed, and its problems (once)."""
+    vm, vp = st.vm, st.plan
+    policy = st.policy.name if st.policy else None
+    if prev is None:
+        log.info("found VM %s (pid %d), policy %s", vm.display_name, vm.pid, policy or "none",
+                 extra=journal_fields(vm, policy))
+    if vp is None:
+        return
+    if vp.reason and (prev is None or prev.plan is None or prev.plan.status != vp.status):
+        log.warning("VM %s %s: %s", vm.display_name, vp.status, vp.reason, extra=journal_fields(vm, vp.policy))
+    for problem in vp.problems:
+        say_once(st, 0, problem, "VM %s: %s", vm.display_name, problem, extra=journal_fields(vm, vp.policy))
