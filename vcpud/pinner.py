@@ -40,10 +40,12 @@ class Pinner:
         key = (a.cpus, c.path, c.effective, c.per_thread, now)
         return key, f"{c.path} {c.effective}"
 
-    def pin(self, st: VMState, a: Assignment, event_ns: int = 0, quiet: bool = False) -> PinResult:
-        """Pin ``a`` through the VM's owner; record, count and say the outcome (``quiet``: a
-        success at debug level only, the caller says it for the whole VM)."""
-        ops = self.router.ops_for(st.vm)
+    def pin(self, st: VMState, a: Assignment, event_ns: int = 0, quiet: bool = False,
+            ops: AffinityOps | None = None, before: CpuSet | None = None) -> PinResult:
+        """Pin ``a`` through the VM's owner (``ops``: the one the router gives, when the caller
+        asked it already); record, count and say the outcome (``quiet``: the caller says a success,
+        for the whole VM). ``before``: the thread's affinity, when the caller just read it."""
+        ops = ops if ops is not None else self.router.ops_for(st.vm)
         st.dirty = True
         vm, policy = st.vm, st.policy.name if st.policy else None
         held = st.blocked.get(a.tid)
@@ -59,7 +61,7 @@ class Pinner:
             del st.blocked[a.tid]
             log.info("VM %s tid %d (%s): its cpuset cgroup or its wanted CPUs changed; trying again",
                      vm.display_name, a.tid, a.label, extra=journal_fields(vm, policy, a))
-        r = pin_one(a, ops, self.dry_run)
+        r = pin_one(a, ops, self.dry_run, before)
         self.stats.pins[r.outcome] += 1
         if r.outcome is Outcome.PINNED:
             if event_ns:
@@ -105,9 +107,10 @@ class Pinner:
         """Pin every assignment of ``st.plan``; a thread ``prev`` had pinned to the same CPUs and
         that is found elsewhere was moved by someone (drift, counted). One log line for the VM."""
         bulk = Bulk(st)
+        ops = self.router.ops_for(st.vm)
         for a in st.plan.assignments if st.plan is not None else ():
             before = prev.wanted.get(a.tid) if prev else None
-            r = self.pin(st, a, quiet=True)
+            r = self.pin(st, a, quiet=True, ops=ops)
             if before is not None and before.cpus == a.cpus:
                 bulk.moved(a, r.before, r)
             else:
@@ -118,10 +121,11 @@ class Pinner:
     def put_back(self, st: VMState, drifted: Iterable[tuple[Assignment, CpuSet]]) -> list[PinResult]:
         """Under an unchanged plan: put back the threads found moved, try the failed ones again."""
         bulk = Bulk(st)
+        ops = self.router.ops_for(st.vm)
         for a, now in drifted:
-            bulk.moved(a, now, self.pin(st, a, quiet=True))
+            bulk.moved(a, now, self.pin(st, a, quiet=True, ops=ops, before=now))
         for failed in list(st.failed.values()):
-            bulk.add(self.pin(st, failed.assignment, quiet=True))
+            bulk.add(self.pin(st, failed.assignment, quiet=True, ops=ops))
         self.stats.drift_corrections += bulk.say()
         return bulk.results
 

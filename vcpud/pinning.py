@@ -166,12 +166,14 @@ def predict(a: Assignment, c: Confinement | None, cgroups: Cgroups | None = None
     return outcome, f"CPUs {a.cpus} are outside {c.describe()}; {c.hint()}"
 
 
-def pin_one(a: Assignment, ops: AffinityOps, dry_run: bool = False) -> PinResult:
+def pin_one(a: Assignment, ops: AffinityOps, dry_run: bool = False, before: CpuSet | None = None) -> PinResult:
+    """Pin one thread and read it back. ``before``: its affinity, when the caller just read it."""
     how = via(ops, a)
-    try:
-        before = ops.get(a.tid)
-    except OSError as e:
-        return PinResult(a, classify_errno(e), detail=os.strerror(e.errno or 0), via=how)
+    if before is None:
+        try:
+            before = ops.get(a.tid)
+        except OSError as e:
+            return PinResult(a, classify_errno(e), detail=os.strerror(e.errno or 0), via=how)
     if before == a.cpus:
         return PinResult(a, Outcome.UNCHANGED, before, before, via=how)
     if dry_run:

@@ -68,7 +68,7 @@ def timed(what: str, f: Callable[[], object], prof: bool) -> None:
         p.runcall(f)
         dt = time.perf_counter() - t0
         out = io.StringIO()
-        pstats.Stats(p, stream=out).sort_stats("cumulative").print_stats(25)
+        pstats.Stats(p, stream=out).sort_stats(os.environ.get("PROFILE_SORT", "cumulative")).print_stats(25)
         print(f"--- {what}: {dt * 1e3:.1f} ms (under cProfile)\n{out.getvalue()}")
     else:
         f()
