@@ -174,6 +174,10 @@ class Procfs:
     def tids(self, pid: int) -> list[int]:
         return sorted(int(n) for n in self._listdir(f"{self._r}/{pid}/task") if n.isdigit())
 
+    def task_ids(self, pid: int) -> set[int]:
+        """The process's TIDs, unordered (what a re-check compares with what it knows)."""
+        return {int(n) for n in self._listdir(f"{self._r}/{pid}/task") if n.isdigit()}
+
     def exe(self, pid: int) -> str:
         return self._readlink(f"{self._r}/{pid}/exe")
 
@@ -219,6 +223,16 @@ class Procfs:
 
     def comm(self, pid: int, tid: int) -> str:
         return self._read(f"{self._r}/{pid}/task/{tid}/comm").rstrip("\n")
+
+    def affinity_set(self, pid: int, tid: int) -> frozenset[int] | set[int]:
+        """The CPUs a thread may run on, as the kernel gives them (a re-check of thousands of
+        threads compares these with what it pinned, making no CpuSet for the unchanged)."""
+        if self._live:
+            try:
+                return os.sched_getaffinity(tid)
+            except ProcessLookupError:
+                raise Vanished(str(tid)) from None
+        return self.affinity(pid, tid).cpus
 
     def affinity(self, pid: int, tid: int) -> CpuSet:
         if self._live:

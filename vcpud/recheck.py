@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Mapping
 
 from .cpuset import CpuSet
 from .discovery import VM, Role, Thread, classify_new_thread, refresh_vm
-from .pinning import AffinityOps, Router
 from .placement import Assignment
 from .procfs import Procfs, Vanished
 
@@ -35,8 +34,7 @@ class Recheck:
     drifted: tuple[tuple[Assignment, CpuSet], ...] = ()  # pinned threads that are elsewhere now: (wanted, now)
 
 
-def recheck(procfs: Procfs, vm: VM, wanted: dict[int, Assignment], ops: AffinityOps,
-            careful: bool) -> Recheck | None:
+def recheck(procfs: Procfs, vm: VM, wanted: dict[int, Assignment], careful: bool) -> Recheck | None:
     """The VM as it is now, or None when only a full read can tell (a new thread whose role
     needs the whole process, threads without a known role, or the careful look saw a change).
     Raises Vanished when the process is gone."""
@@ -44,71 +42,61 @@ def recheck(procfs: Procfs, vm: VM, wanted: dict[int, Assignment], ops: Affinity
         fresh = refresh_vm(procfs, vm)
         if fresh is None:
             return None
-        return Recheck(vm=fresh, drifted=_drifted(fresh, wanted, ops))
+        return Recheck(vm=fresh, drifted=tuple((wanted[t.tid], t.affinity) for t in fresh.threads
+                                               if t.tid in wanted and t.affinity != wanted[t.tid].cpus))
     if any(t.role is Role.UNKNOWN for t in vm.threads):
         return None
-    tids = procfs.tids(vm.pid)
-    known = {t.tid: t for t in vm.threads}
-    threads: list[Thread] = []
+    tids = procfs.task_ids(vm.pid)
     new: list[Thread] = []
-    changed = len(tids) != len(known)
-    for tid in tids:
-        t = known.get(tid)
-        if t is None:
+    drifted: list[tuple[Assignment, CpuSet]] = []
+    moved: dict[int, Thread] = {}  # unpinned threads whose affinity changed
+    gone: list[int] = []
+    for t in vm.threads:
+        tid = t.tid
+        if tid not in tids:
+            gone.append(tid)
+            continue
+        # The kernel's answer, whoever pinned it (sched_setaffinity, libvirt, a cgroup): one
+        # syscall, compared as a set; a CpuSet is made only for what moved.
+        try:
+            now = procfs.affinity_set(vm.pid, tid)
+        except Vanished:
+            gone.append(tid)
+            continue
+        a = wanted.get(tid)
+        if a is not None:
+            if now != a.cpus.cpus:
+                drifted.append((a, CpuSet.of_kernel(now)))
+        elif now != t.affinity.cpus:
+            moved[tid] = replace(t, affinity=CpuSet.of_kernel(now))  # reports: where it may run
+    if len(tids) != len(vm.threads) - len(gone):
+        known = {t.tid for t in vm.threads}
+        for tid in sorted(tids - known):
             try:
                 snap = procfs.thread(vm.pid, tid)
             except Vanished:
                 continue  # came and went between two looks
-            t = classify_new_thread(vm, snap)
-            if t is None:
+            role = classify_new_thread(vm, snap)
+            if role is None:
                 return None
-            new.append(t)
-            changed = True
-        elif tid not in wanted:
-            # Unpinned threads keep what they show now (reports: where it may run).
-            try:
-                now = procfs.affinity(vm.pid, tid)
-            except Vanished:
-                changed = True
-                continue
-            if now != t.affinity:
-                t = replace(t, affinity=now)
-                changed = True
-        threads.append(t)
-    seen = {t.tid for t in threads}
-    gone = tuple(tid for tid in known if tid not in seen)
-    if changed or gone:
-        vm = replace(vm, threads=tuple(threads), vanished_threads=0)
-    return Recheck(vm=vm, new=tuple(new), gone=gone, drifted=_drifted(vm, wanted, ops, seen))
+            new.append(role)
+    if new or gone or moved:
+        dead = set(gone)
+        kept = [moved.get(t.tid, t) for t in vm.threads if t.tid not in dead]
+        vm = replace(vm, threads=tuple(sorted(kept + new, key=lambda t: t.tid)), vanished_threads=0)
+    return Recheck(vm=vm, new=tuple(new), gone=tuple(gone), drifted=tuple(drifted))
 
 
-def recheck_all(procfs: Procfs, vms: Mapping[int, "VMState"], router: Router, careful: bool,
-                stats: "Stats") -> dict[int, Recheck]:
+def recheck_all(procfs: Procfs, vms: Mapping[int, "VMState"], careful: bool, stats: "Stats") -> dict[int, Recheck]:
     """A second look at every known VM: pid -> what changed, for those still the same VM (the
     others, gone or to be read whole, are left out)."""
     out: dict[int, Recheck] = {}
     for pid, st in vms.items():
         try:
-            r = recheck(procfs, st.vm, st.wanted, router.ops_for(st.vm), careful)
+            r = recheck(procfs, st.vm, st.wanted, careful)
         except Vanished:
             stats.vanished += 1
             continue
         if r is not None:
             out[pid] = r
     return out
-
-
-def _drifted(vm: VM, wanted: dict[int, Assignment], ops: AffinityOps,
-             alive: set[int] | None = None) -> tuple[tuple[Assignment, CpuSet], ...]:
-    """Pinned threads no longer allowed exactly where they were pinned (someone ran taskset)."""
-    out = []
-    for tid, a in wanted.items():
-        if alive is not None and tid not in alive:
-            continue
-        try:
-            now = ops.get(tid)
-        except OSError:
-            continue  # exited since the task list was read: its EXIT event or the next look says so
-        if now != a.cpus:
-            out.append((a, now))
-    return tuple(out)

@@ -185,7 +185,7 @@ class Reconciler:
         kept: dict[int, Recheck] = {}
         todo: list[int] | None = None if pids is None else list(pids)
         if todo is None and reason is not ScanReason.STARTUP and not self._reread:
-            kept = recheck_all(self.procfs, self.vms, self.pinner.router, careful, self.stats)
+            kept = recheck_all(self.procfs, self.vms, careful, self.stats)
             listed = self.procfs.pids()
             self.not_vm &= set(listed)  # exits lost to a connector overrun leave stale entries
             # Without trusted events a PID known not to be a VM may have been reused unseen.
