@@ -54,6 +54,7 @@ class Ctx:
         self.cpusets: dict[CpuSet, CpuSet] = {}
         self.cpus_left = MAX_CPUS_NAMED
         self.policy_count = 0  # policies seen in all files so far, read or not
+        self.fast_yaml = False  # compose through libyaml where it reads the file as PyYAML does
 
     def pos(self, node: Node) -> Position:
         return self.doc.pos(node)
