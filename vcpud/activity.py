@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
 
 from .pinning import Outcome
-from .snapshot import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
+from .histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
 from .vocab import EventSource
 
 

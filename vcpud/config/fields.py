@@ -7,7 +7,6 @@ field's issues, so one bad key never hides the next one.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -137,6 +136,8 @@ def apply_schema(
 
 
 def suggest(key: str, fields: Iterable[str]) -> str:
+    import difflib  # here: only a config with an unknown key needs it
+
     close = difflib.get_close_matches(key, list(fields), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
