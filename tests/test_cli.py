@@ -181,9 +181,9 @@ def test_one_shot_commands_import_no_daemon_and_no_libvirt(tmp_path, command):
     cfg.write_text(f"state_file: {tmp_path / 'state.json'}\n"
                    "policies:\n  - {name: nomatch, match: {name: 'nomatch*'}, affinity: '0'}\n")
     argv = command if command[0] == "topology" else [*command, "--config", str(cfg)]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    p = subprocess.run([sys.executable, "-c", IMPORTS_CHILD, *argv], capture_output=True, text=True, env=env,
-                       timeout=120, check=False)
+    repo = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", IMPORTS_CHILD, *argv], capture_output=True, text=True, cwd=repo,
+                       env=dict(os.environ, PYTHONPATH=str(repo)), timeout=120, check=False)
     assert p.returncode == 0, p.stderr
     code, *modules = p.stdout.split()
     assert code == "0", p.stderr

@@ -166,8 +166,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 # --- owners: who pins a thread ---------------------------------------------------
-def _cgroups(args: argparse.Namespace) -> Cgroups:
-    return Cgroups(Path(args.proc), Path(args.cgroup_root))
+def _cgroups(args: argparse.Namespace, once: bool = False) -> Cgroups:
+    """``once``: each cgroup read once (ps, plan: they only read, about every thread)."""
+    return Cgroups(Path(args.proc), Path(args.cgroup_root), once=once)
 
 
 def _router(args: argparse.Namespace, libvirt: OnDemand) -> Chain:
@@ -410,7 +411,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     from .holdings import FileStore, load_priors
 
     p = plan(cfg, vms, online, topo, load_priors(cfg, FileStore(cfg.state_file), vms, online, topo))
-    cg = _cgroups(args)
+    cg = _cgroups(args, once=True)
     if args.json:
         import json
 
@@ -525,7 +526,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         prior = {}
     p = plan(cfg, live + imagined, online, topo, prior)
-    cg = _cgroups(args) if live else None
+    cg = _cgroups(args, once=True) if live else None
     libvirt = OnDemand()
     rows = [plan_json(vp, cfg, topo.isolated, cg, libvirt) for vp in p.vms]
     free = free_cpus(cfg.pools, topo, list(p.allocations.values()))
