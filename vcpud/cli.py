@@ -1,8 +1,9 @@
 """Command line: vcpud topology | check | apply | plan | ps | run.
 
-A one-shot command imports what it uses: the reconciler and the state file's code for `apply`
-(`ps` and `plan` read the state file too), libvirt-python only for a VM libvirt started
-(libvirtrun.OnDemand), the daemon with its event sources and metrics only for `run`.
+A one-shot command imports what it uses, in the functions that use it: `topology` no config
+(nor YAML), `check` no discovery or pinning, only `apply` the reconciler, `apply`, `ps` and `plan`
+libvirt-python only for a VM libvirt started (libvirtrun.OnDemand), only `run` the daemon with its
+event sources, journal and metrics.
 """
 
 from __future__ import annotations
@@ -16,20 +17,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from . import __version__
-from .cgroups import CgroupOwner, Cgroups, Confinement
-from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, ListenAddressError, load_config, parse_listen
 from .cpuset import CpuSet
-from .discovery import VM, Role, Scan, Smp, Thread, scan
 from .libvirtrun import OnDemand
-from .pinning import Chain, OsAffinity, Outcome, Owner, PinResult, predict
-from .placement import Assignment, PoolDecision, VMPlan, arrival_order, assign, plan, vcpu_count
-from .pools import free_cpus
 from .procfs import Procfs
 from .topology import Topology, TopologyError, read_topology
 from .vocab import VMStatus
 
 if TYPE_CHECKING:
+    from .cgroups import Cgroups, Confinement
+    from .config import Config
+    from .discovery import VM, Scan
     from .engine import Report
+    from .pinning import AffinityOps, Chain, Outcome, PinResult
+    from .placement import Assignment, VMPlan
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,8 @@ def _procfs(args: argparse.Namespace) -> Procfs | None:
 
 def _load(path: Path | None, online: CpuSet, required: bool) -> Config | None:
     """The config, or None (printed errors) when it does not load."""
+    from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+
     target = path or DEFAULT_CONFIG_PATH
     if path is None and not required and not target.exists():
         print(f"vcpud: no {target}: showing VMs without policies", file=sys.stderr)
@@ -168,6 +170,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 # --- owners: who pins a thread ---------------------------------------------------
 def _cgroups(args: argparse.Namespace, once: bool = False) -> Cgroups:
     """``once``: each cgroup read once (ps, plan: they only read, about every thread)."""
+    from .cgroups import Cgroups
+
     return Cgroups(Path(args.proc), Path(args.cgroup_root), once=once)
 
 
@@ -175,9 +179,11 @@ def _router(args: argparse.Namespace, libvirt: OnDemand) -> Chain:
     """Who pins a VM's threads: libvirt's API for libvirt's VMs (libvirt-python installed), the
     thread's own cgroup where a known VM manager gives it one (as libvirt does), else
     sched_setaffinity."""
+    from .cgroups import CgroupOwner
+    from .pinning import Chain
+
     os_ops = OsAffinity(Path(args.proc))
-    owners: list[Owner] = [libvirt, CgroupOwner(_cgroups(args), os_ops)]
-    return Chain(*owners, fallback=os_ops)
+    return Chain(libvirt, CgroupOwner(_cgroups(args), os_ops), fallback=os_ops)
 
 
 def owner_name(c: Confinement | None) -> str:
@@ -189,6 +195,8 @@ def owner_name(c: Confinement | None) -> str:
 def _prediction(cg: Cgroups, a: Assignment, affinity: CpuSet | None, libvirt: bool = False) -> dict[str, Any]:
     """What pinning ``a`` would do: the thread's cgroup, the owner, and a predicted failure
     (none through libvirt: it moves its own cgroups)."""
+    from .pinning import predict
+
     c = cg.confinement(a.pid, a.tid)
     p = predict(a, c, cg) if affinity != a.cpus and not libvirt else None
     return {
@@ -204,6 +212,8 @@ def _prediction(cg: Cgroups, a: Assignment, affinity: CpuSet | None, libvirt: bo
 
 # --- apply --------------------------------------------------------------------------
 def _vm_line(v: VMPlan, results: Sequence[PinResult], dry_run: bool) -> list[str]:
+    from .pinning import Outcome
+
     counts: dict[Outcome, int] = {}
     for r in results:
         counts[r.outcome] = counts.get(r.outcome, 0) + 1
@@ -273,11 +283,27 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+# Imported when called (by `apply` alone, and `scan` by `ps` and `plan` too), and looked up here,
+# where tests replace them.
 def reconcile(*args: Any, **kwargs: Any) -> Report:
-    """engine.reconcile, imported by `apply` alone: the reconciler is no other command's."""
+    """engine.reconcile."""
     from .engine import reconcile as engine_reconcile
 
     return engine_reconcile(*args, **kwargs)
+
+
+def OsAffinity(proc: Path) -> AffinityOps:
+    """A pinning.OsAffinity."""
+    from .pinning import OsAffinity as Affinity
+
+    return Affinity(proc)
+
+
+def scan(procfs: Procfs, executables: Sequence[str]) -> Scan:
+    """discovery.scan."""
+    from .discovery import scan as discover
+
+    return discover(procfs, executables)
 
 
 # --- ps -----------------------------------------------------------------------------
@@ -393,6 +419,8 @@ def _live(args: argparse.Namespace, cfg: Config) -> tuple[Scan, list[VM]] | None
     procfs = _procfs(args)
     if procfs is None:
         return None
+    from .placement import arrival_order
+
     found = scan(procfs, cfg.executables)
     _hint_unreadable(found)
     return found, arrival_order(found.vms)
@@ -409,6 +437,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     found, vms = live
     from .holdings import FileStore, load_priors
+    from .placement import plan
 
     p = plan(cfg, vms, online, topo, load_priors(cfg, FileStore(cfg.state_file), vms, online, topo))
     cg = _cgroups(args, once=True)
@@ -427,6 +456,8 @@ def what_if_vm(i: int, spec: str) -> VM:
 
     ValueError, saying what is expected, for anything else and for more than MAX_VM_VCPUS vCPUs.
     """
+    from .discovery import VM, Smp
+
     m = _WHAT_IF_RE.match(spec)
     if m is None or not m.group(2).strip("0") or (m.group(3) is not None and not m.group(3).strip("0")):
         raise ValueError(f"--what-if {_short(spec)}: {WHAT_IF_EXPECTED}")
@@ -454,6 +485,9 @@ def what_if_vms(specs: Sequence[str]) -> list[VM]:
 
 def plan_json(vp: VMPlan, cfg: Config, isolated: CpuSet, cgroups: Cgroups | None = None,
               libvirt: OnDemand | None = None) -> dict[str, Any]:
+    from .discovery import Role, Thread
+    from .placement import PoolDecision, assign, vcpu_count
+
     vm = vp.vm
     policy = cfg.select(vm) if vp.policy else None
     vcpus: dict[str, list[int]] = {}
@@ -519,6 +553,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         print(printable_lines(f"vcpud: topology from {args.sysroot}: this host's VMs are not part of the plan"),
               file=sys.stderr)
+    from .placement import plan
+    from .pools import free_cpus
+
     if live:
         from .holdings import FileStore, load_priors
 
@@ -569,6 +606,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import json  # noqa: F401
     import tempfile  # noqa: F401
 
+    from .config import DEFAULT_CONFIG_PATH, ConfigError
     from .daemon import Daemon
     from .sdnotify import setup_logging
 
@@ -618,6 +656,8 @@ def _terminal_columns() -> int:
 
 def _listen_arg(text: str) -> str:
     """--metrics-listen: the config's listen grammar; "off" or the address written out."""
+    from .config import ListenAddressError, parse_listen
+
     try:
         return str(parse_listen(text))
     except ListenAddressError as e:
