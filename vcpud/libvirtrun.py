@@ -18,6 +18,24 @@ if TYPE_CHECKING:
     from .libvirt import DeferredAffinity, LibvirtAffinity, LibvirtOwner
 
 RUN_DIR = Path("/run/libvirt/qemu")
+# Where qemu:///system listens: the monolithic libvirtd, or the modular virtqemud.
+SOCKETS = (Path("/run/libvirt/libvirt-sock"), Path("/run/libvirt/virtqemud-sock"))
+
+
+def listening(sockets: tuple[Path, ...] = SOCKETS) -> bool:
+    """Whether libvirt's daemon (or systemd's socket for it) accepts connections: what the daemon
+    asks before importing libvirt-python (~14 MiB), at start and at each rescan until it does."""
+    import socket
+
+    for path in sockets:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+            s.settimeout(0.1)
+            try:
+                s.connect(str(path))
+            except OSError:
+                continue
+            return True
+    return False
 
 
 def pidfile(run_dir: Path, name: str) -> int:

@@ -307,3 +307,33 @@ def test_libvirt_owner_and_on_demand_agree_on_whose_vm_it_is(tmp_path: Path):
     for v in (vm(), vm(pid=4243), vm(name="db"), vm(name="a/b"), vm(name=None)):
         assert lv.LibvirtOwner(run_dir=tmp_path).is_libvirts(v) == started(v, tmp_path) == (v.pid == 4242 and
                                                                                              v.name == "web1")
+
+
+def test_the_daemon_imports_libvirt_python_only_once_libvirtd_listens(tmp_path):
+    """libvirt-python costs the daemon ~14 MiB: not imported while nothing listens on libvirt's socket."""
+    import subprocess
+    import sys
+
+    sock = tmp_path / "libvirt-sock"
+    code = f"""
+import socket, sys
+from pathlib import Path
+from vcpud.owners import Owners
+from vcpud.pinning import OsAffinity
+o = Owners(Path("/proc"), OsAffinity(), sockets=(Path({str(sock)!r}),))
+assert not o.adopt() and o.libvirt is None
+assert "libvirt" not in sys.modules and "vcpud.libvirt" not in sys.modules, "imported with nothing listening"
+s = socket.socket(socket.AF_UNIX)
+s.bind({str(sock)!r})
+assert not o.adopt(), "a socket nobody listens on is not libvirtd"
+s.listen()
+made = o.adopt()
+print("made" if made else "not-made", "libvirt" in sys.modules)
+assert not o.adopt()  # once
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    from vcpud import libvirt as lv
+
+    # With libvirt-python installed the owner is made (and libvirt imported) once libvirtd listens.
+    assert out.stdout.split() == (["made", "True"] if lv.available() else ["not-made", "False"]), out.stdout
