@@ -5,7 +5,7 @@ retried until what it depended on changes."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Hashable, Iterable
+from typing import TYPE_CHECKING, Hashable, Sequence
 
 from .activity import Stats
 from .pinning import AffinityOps, Outcome, PinResult, Router, confinement, pin_one
@@ -118,8 +118,10 @@ class Pinner:
         self.stats.drift_corrections += bulk.say()
         return bulk.results
 
-    def put_back(self, st: VMState, drifted: Iterable[tuple[Assignment, CpuSet]]) -> list[PinResult]:
+    def put_back(self, st: VMState, drifted: Sequence[tuple[Assignment, CpuSet]]) -> list[PinResult]:
         """Under an unchanged plan: put back the threads found moved, try the failed ones again."""
+        if not drifted and not st.failed:
+            return []  # the usual rescan: nothing to ask the VM's owner
         bulk = Bulk(st)
         ops = self.router.ops_for(st.vm)
         for a, now in drifted:

@@ -192,6 +192,8 @@ class Reconciler:
             skip = self.not_vm if not careful else set()
             todo = [p for p in listed if p not in kept and p not in skip]
         found, pins = self._pass(todo, kept, reason, whole=pids is None)
+        log.debug("%s: %d VMs re-checked%s, %d read whole", reason.value, len(kept), " (careful)" * careful,
+                  len(found.vms))
         self._reread = self._inputs_changed = False
         return RescanResult(scan=found, pins=tuple(pins))
 
