@@ -9,7 +9,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .cpuset import CpuSet
 
@@ -224,15 +224,13 @@ class Procfs:
     def comm(self, pid: int, tid: int) -> str:
         return self._read(f"{self._r}/{pid}/task/{tid}/comm").rstrip("\n")
 
-    def affinity_set(self, pid: int, tid: int) -> frozenset[int] | set[int]:
-        """The CPUs a thread may run on, as the kernel gives them (a re-check of thousands of
-        threads compares these with what it pinned, making no CpuSet for the unchanged)."""
+    def affinity_getter(self, pid: int) -> Callable[[int], frozenset[int] | set[int]]:
+        """TID -> the CPUs it may run on, as the kernel gives them, for the threads of ``pid`` (a
+        re-check of thousands of threads compares these with what it pinned). Raises
+        ProcessLookupError or Vanished for a thread that is gone."""
         if self._live:
-            try:
-                return os.sched_getaffinity(tid)
-            except ProcessLookupError:
-                raise Vanished(str(tid)) from None
-        return self.affinity(pid, tid).cpus
+            return os.sched_getaffinity
+        return lambda tid: self.affinity(pid, tid).cpus
 
     def affinity(self, pid: int, tid: int) -> CpuSet:
         if self._live:

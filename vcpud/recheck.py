@@ -51,6 +51,7 @@ def recheck(procfs: Procfs, vm: VM, wanted: dict[int, Assignment], careful: bool
     drifted: list[tuple[Assignment, CpuSet]] = []
     moved: dict[int, Thread] = {}  # unpinned threads whose affinity changed
     gone: list[int] = []
+    affinity = procfs.affinity_getter(vm.pid)
     for t in vm.threads:
         tid = t.tid
         if tid not in tids:
@@ -59,8 +60,8 @@ def recheck(procfs: Procfs, vm: VM, wanted: dict[int, Assignment], careful: bool
         # The kernel's answer, whoever pinned it (sched_setaffinity, libvirt, a cgroup): one
         # syscall, compared as a set; a CpuSet is made only for what moved.
         try:
-            now = procfs.affinity_set(vm.pid, tid)
-        except Vanished:
+            now = affinity(tid)
+        except (ProcessLookupError, Vanished):
             gone.append(tid)
             continue
         a = wanted.get(tid)
