@@ -76,7 +76,7 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
         log.debug("metrics: error serving %s", client_address, exc_info=True)
 
 
-# Snapshots change after every event burst; rendering each at once would cost the loop GIL time.
+# Snapshots change after every event; a render waits until they have not for this long.
 PRERENDER_INTERVAL = 0.1
 # Render published snapshots ahead of the next scrape only while scrapes come (Prometheus's
 # default interval is 1 minute; nobody scraping for 5: render on demand).
@@ -159,13 +159,14 @@ class MetricsServer:
     def _serve(self) -> None:
         """Accept loop: sleeps until a client connects, a snapshot is published, or stop().
 
-        A published snapshot is rendered here, at most every PRERENDER_INTERVAL seconds, so
-        that a scrape finds the bytes ready instead of rendering while Prometheus waits.
+        A published snapshot is rendered here once snapshots stopped coming for PRERENDER_INTERVAL
+        seconds, so that a scrape finds the bytes ready instead of rendering while Prometheus waits.
+        Not sooner: while events come (a VM starting, a burst of new threads) a render holding the
+        GIL would make every syscall of the loop wait up to the switch interval to get it back.
         """
         httpd, wake, pub, stop = self._httpd, self._wake_r, self._pub_r, self._stop
         assert httpd is not None and wake is not None and pub is not None
         due: float | None = None
-        last = 0.0
         with selectors.DefaultSelector() as sel:
             sel.register(httpd.socket, selectors.EVENT_READ)
             sel.register(wake, selectors.EVENT_READ)
@@ -183,11 +184,10 @@ class MetricsServer:
                                 pass
                         except BlockingIOError:
                             pass
-                        if due is None:
-                            due = max(time.monotonic(), last + PRERENDER_INTERVAL)
+                        due = time.monotonic() + PRERENDER_INTERVAL
                 if due is not None and time.monotonic() >= due:
-                    due, last = None, time.monotonic()
-                    if last - self._last_scrape > PRERENDER_WHILE_SCRAPED:
+                    due = None
+                    if time.monotonic() - self._last_scrape > PRERENDER_WHILE_SCRAPED:
                         continue  # nobody asks: render when someone does
                     try:
                         self.scrape()
