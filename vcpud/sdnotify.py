@@ -66,6 +66,22 @@ def under_journald() -> bool:
     return bool(js) and dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
+def send_fields(MESSAGE: str, **fields: object) -> None:  # noqa: N803 (systemd.journal.send's signature)
+    """systemd.journal.send, but a tuple value is a field given once per value (a record about
+    several threads: TID=, ROLE=): journald keeps them all, and ``journalctl TID=N`` matches."""
+    from systemd import journal
+
+    args: list[str | bytes] = ["MESSAGE=" + MESSAGE]
+    for key, value in fields.items():
+        if isinstance(value, tuple) and key in FIELDS:
+            args.extend(f"{key}={v}" for v in value)
+        elif isinstance(value, bytes):
+            args.append(key.encode() + b"=" + value)
+        else:
+            args.append(f"{key}={value}")
+    journal.sendv(*args)
+
+
 def setup_logging(level: str, journal: bool | None = None) -> str:
     """Log to the journal with structured fields under systemd, else to stderr. Returns which."""
     root = logging.getLogger()
@@ -77,7 +93,7 @@ def setup_logging(level: str, journal: bool | None = None) -> str:
         try:
             from systemd.journal import JournalHandler
 
-            handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="vcpud")
+            handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="vcpud", sender_function=send_fields)
             handler.setFormatter(logging.Formatter("%(message)s"))
             root.addHandler(handler)
             return "journal"

@@ -84,11 +84,17 @@ class VMState:
         return self.plan is not None and self.plan.waiting
 
 
-def journal_fields(vm: VM, policy: str | None, a: Assignment | None = None) -> dict[str, Any]:
-    """Journal fields for a log record (logging's extra=)."""
+def journal_fields(vm: VM, policy: str | None, *threads: Assignment) -> dict[str, Any]:
+    """Journal fields for a log record (logging's extra=). Several threads: TID and ROLE (and CPUS
+    where they differ) become fields with one value per thread (sdnotify sends them so)."""
     f: dict[str, Any] = {"VM": vm.display_name, "VM_PID": vm.pid, "POLICY": policy or ""}
-    if a is not None:
+    if len(threads) == 1:
+        a = threads[0]
         f.update(TID=a.tid, ROLE=a.label, CPUS=a.cpus.format())
+    elif threads:
+        cpus = {a.cpus.format() for a in threads}
+        f.update(TID=tuple(a.tid for a in threads), ROLE=tuple(a.label for a in threads),
+                 CPUS=cpus.pop() if len(cpus) == 1 else tuple(sorted(cpus)))
     return f
 
 
@@ -135,15 +141,20 @@ class Bulk:
         self._back.append((a, now))
 
     def say(self) -> int:
-        """Log what this pass did; returns the threads put back (drift corrections)."""
+        """Log what this pass did: a line per CPU set the VM's threads were pinned to (its journal
+        entry carries every thread's TID and ROLE: ``journalctl TID=N`` finds it), one for the
+        threads put back. Returns how many were put back (drift corrections)."""
         vm, policy = self.st.vm, self.st.policy.name if self.st.policy else None
-        if self._pinned:
-            via = {r.via for r in self._pinned} - {"sched_setaffinity", ""}
+        groups: dict[CpuSet, list[PinResult]] = {}
+        for r in self._pinned:
+            groups.setdefault(r.assignment.cpus, []).append(r)
+        for cpus, rs in groups.items():
+            via = {r.via for r in rs} - {"sched_setaffinity", ""}
             log.info("pinned VM %s %s%s", vm.display_name,
-                     "; ".join(f"tid {r.assignment.tid} ({r.assignment.label}) to {r.assignment.cpus} by "
-                               f"{r.assignment.rule}" for r in self._pinned),
+                     "; ".join(f"tid {r.assignment.tid} ({r.assignment.label}) to {cpus} by {r.assignment.rule}"
+                               for r in rs),
                      f" via {', '.join(sorted(via))}" if via else "",
-                     extra=journal_fields(vm, policy, self._pinned[0].assignment if len(self._pinned) == 1 else None))
+                     extra=journal_fields(vm, policy, *(r.assignment for r in rs)))
         if len(self._back) == 1:
             a, now = self._back[0]
             log.warning("VM %s tid %d (%s) had been moved to %s; put back on %s", vm.display_name, a.tid, a.label,
@@ -151,7 +162,7 @@ class Bulk:
         elif self._back:
             log.warning("VM %s: %d threads had been moved; put back: %s", vm.display_name, len(self._back),
                         "; ".join(f"tid {a.tid} ({a.label}) {now} -> {a.cpus}" for a, now in self._back),
-                        extra=journal_fields(vm, policy))
+                        extra=journal_fields(vm, policy, *(a for a, _ in self._back)))
         return len(self._back)
 
 

@@ -159,3 +159,26 @@ def test_vcpu_clock_counts_time_on_the_cpu_since_first_seen(tmp_path):
     stat.unlink()
     now[0] = 4.0
     assert dict(clock.sample([(10, 11, 2)])) == {3: 2.5}  # exited
+
+
+def test_a_record_about_several_threads_gives_the_journal_a_field_per_thread(monkeypatch):
+    """One journal entry per VM and CPU set, with TID= and ROLE= once per thread."""
+    pytest.importorskip("systemd.journal")  # CI installs python-systemd: a skip there fails the run
+    from systemd import journal
+
+    from vcpud.discovery import Smp
+    from vcpud.discovery import VM as VMModel
+    from vcpud.placement import Assignment
+    from vcpud.sdnotify import send_fields
+    from vcpud.vmstate import journal_fields
+
+    sent: list[tuple] = []
+    monkeypatch.setattr(journal, "sendv", lambda *args: sent.append(args))
+    vm = VMModel(pid=7, starttime=1, exe="/usr/bin/qemu-system-x86_64", cmdline=(), uid=0, user="root",
+                 name="web1", uuid=None, smp=Smp(), threads=(), debug_threads=True)
+    a = [Assignment(pid=7, tid=t, label=f"vcpu {i}", role=Role.VCPU, cpus=C("0"), rule="vcpus")
+         for i, t in enumerate((11, 12))]
+    send_fields("pinned", PRIORITY="6", CODE_LINE=3, **journal_fields(vm, "web", *a))
+    assert sent and set(sent[0]) >= {"MESSAGE=pinned", "VM=web1", "VM_PID=7", "POLICY=web", "TID=11", "TID=12",
+                                     "ROLE=vcpu 0", "ROLE=vcpu 1", "CPUS=0", "PRIORITY=6", "CODE_LINE=3"}
+    assert journal_fields(vm, "web", a[0])["TID"] == 11
