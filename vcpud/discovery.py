@@ -10,7 +10,6 @@ import enum
 import fnmatch
 import logging
 import os
-import platform
 import pwd
 import re
 import stat
@@ -550,7 +549,7 @@ def user_name(uid: int) -> str | None:
 
 def snapshot_vm(procfs: Procfs, pid: int, exe: str, arch: str | None = None) -> VM:
     """Read one verified VM process from /proc and classify it. Raises Vanished."""
-    arch = arch or platform.machine()
+    arch = arch or os.uname().machine
     snap = procfs.process(pid, exe)
     tids = needs_syscall(snap)
     syscalls: dict[int, str | None] = {}
