@@ -254,8 +254,8 @@ def print_trace(path: Path, tids: set[int]) -> None:
         return
     print(f"[trace] {len(recs)} pins; stage: p50 / p99 / max us (mean us); the slowest 1 % of pins, mean us")
     slow = sorted(recs, key=lambda r: r["latency"])[-max(1, len(recs) // 100):]
-    for key in ("latency", "queued", "busy", "busy_publish", "read", "before", "thread", "classify", "assign",
-                "route", "pin_one", "get1", "check", "setaff", "get2", "log", "other"):
+    for key in ("latency", "queued", "busy", "busy_publish", "busy_rescan", "read", "before", "thread", "classify",
+                "assign", "route", "pin_one", "get1", "check", "setaff", "get2", "log", "other"):
         xs = sorted(r.get(key, 0) / 1e3 for r in recs)
         print(f"[trace]   {key:13} {percentile(xs, 0.5):8.1f} {percentile(xs, 0.99):8.1f} {xs[-1]:8.1f} "
               f"({statistics.fmean(xs):7.1f})   slowest: {statistics.fmean(r.get(key, 0) / 1e3 for r in slow):8.1f}")
