@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -148,3 +151,43 @@ def test_run_metrics_listen_takes_the_config_grammar(value, want):
     from vcpud.cli import build_parser
 
     assert build_parser().parse_args(["run", "--metrics-listen", value]).metrics_listen == want
+
+
+# What a one-shot command must not import: libvirt-python (~11 MiB and tens of ms) while no VM
+# its policies manage is libvirt's, the daemon with its event sources, journal, metrics server
+# and snapshots, nor what only writing the state file (tempfile) or an unknown config key
+# (difflib) needs; shutil comes with argparse's help formatter unless told otherwise.
+ONE_SHOT_UNWANTED = ("libvirt", "libvirtmod", "vcpud.libvirt", "prometheus_client", "pyudev", "systemd",
+                     "systemd.journal", "http.server", "socketserver", "wsgiref", "selectors", "vcpud.daemon",
+                     "vcpud.metrics", "vcpud.sources", "vcpud.procconn", "vcpud.sdnotify", "vcpud.reloader",
+                     "vcpud.publisher", "vcpud.snapshot", "tempfile", "shutil", "difflib")
+# ...and what only `apply` needs, what `check` does not (pinning), what `topology` does not (the config)
+APPLY_ONLY = ("vcpud.engine", "vcpud.reconciler", "vcpud.pinner", "vcpud.activity")
+NOT_FOR = {"check": ("vcpud.pinning", "vcpud.placement", "vcpud.cgroups", "vcpud.holdings", "vcpud.state"),
+           "topology": ("yaml", "vcpud.config", "vcpud.discovery", "vcpud.pinning", "vcpud.placement")}
+IMPORTS_CHILD = """\
+import contextlib, io, sys
+from vcpud import cli
+with contextlib.redirect_stdout(io.StringIO()):
+    code = cli.main(sys.argv[1:])
+print(code, *sorted(sys.modules))
+"""
+
+
+@pytest.mark.parametrize("command", [
+    ["apply", "--dry-run"], ["apply"], ["check"], ["ps"], ["ps", "--json"], ["plan"], ["plan", "--json"],
+    ["plan", "--what-if", "x:2"], ["topology"], ["topology", "--json"], ["topology", "--parse"],
+], ids=" ".join)
+def test_one_shot_commands_import_no_daemon_and_no_libvirt(tmp_path, command):
+    cfg = tmp_path / "vcpud.yaml"
+    cfg.write_text(f"state_file: {tmp_path / 'state.json'}\n"
+                   "policies:\n  - {name: nomatch, match: {name: 'nomatch*'}, affinity: '0'}\n")
+    argv = command if command[0] == "topology" else [*command, "--config", str(cfg)]
+    repo = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", IMPORTS_CHILD, *argv], capture_output=True, text=True, cwd=repo,
+                       env=dict(os.environ, PYTHONPATH=str(repo)), timeout=120, check=False)
+    assert p.returncode == 0, p.stderr
+    code, *modules = p.stdout.split()
+    assert code == "0", p.stderr
+    unwanted = ONE_SHOT_UNWANTED + (() if command[0] == "apply" else APPLY_ONLY) + NOT_FOR.get(command[0], ())
+    assert sorted(set(unwanted) & set(modules)) == []

@@ -1,20 +1,21 @@
-"""What vcpud did, counted: pins by outcome, drift, events, reloads, latencies, vCPU time per CPU.
+"""What vcpud did, counted: pins by outcome, drift, events, reloads, latencies; vCPU time per CPU.
 
-Mutable and owned by the event loop (or one `apply`); the publisher copies it into snapshots.
+Stats are mutable and owned by the event loop (or one `apply`); the publisher copies them into
+snapshots. The VcpuClock belongs to the metrics server, which asks it at scrape time.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable
+from types import MappingProxyType
+from typing import Callable, Iterable, Mapping
 
-from .discovery import Role
 from .pinning import Outcome
-from .placement import Assignment
-from .procfs import Procfs, Vanished
-from .snapshot import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
+from .histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
 from .vocab import EventSource
 
 
@@ -31,9 +32,6 @@ class Stats:
     # seconds from the kernel's COMM/FORK event to the thread's affinity being set
     latency_hist: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     reconcile_hist: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
-    # CPU time of vCPU threads pinned to a single CPU, per CPU (seconds, only ever grows)
-    vcpu_seconds: dict[int, float] = field(default_factory=dict)
-    thread_ticks: dict[int, tuple[int, int]] = field(default_factory=dict)  # tid -> (cpu, utime+stime)
     last_reload_ok: bool = True
     last_reload_success: float = 0.0  # unix time
 
@@ -41,24 +39,48 @@ class Stats:
         self.events[source] += n
 
 
-def sample_vcpu_time(stats: Stats, procfs: Procfs, pinned: Iterable[tuple[int, Assignment]]) -> None:
-    """Add the CPU time that vCPUs pinned to one CPU spent since the last look to that CPU.
+class VcpuClock:
+    """CPU time of vCPUs pinned to exactly one CPU, added up per CPU when someone asks (a scrape).
 
-    ``pinned``: (pid, assignment) for every thread as vcpud pinned it.
+    Reads one file per such vCPU (``schedstat``: nanoseconds on a CPU since the thread started),
+    at most every ``min_interval`` seconds: an idle daemon nobody scrapes reads nothing. Time a
+    thread spent before it was first seen pinned to that CPU (or by a recycled TID) is nobody's.
     """
-    tick = os.sysconf("SC_CLK_TCK")
-    seen: dict[int, tuple[int, int]] = {}
-    for pid, a in pinned:
-        if a.role is not Role.VCPU or len(a.cpus) != 1:
-            continue
-        try:
-            stat = procfs.stat(pid, a.tid)
-        except (Vanished, OSError):
-            continue
-        cpu, ticks = a.cpus.first(), stat.utime + stat.stime
-        prev = stats.thread_ticks.get(a.tid)
-        # Time from before it was pinned there (or from a recycled TID) is nobody's.
-        if prev is not None and prev[0] == cpu and ticks >= prev[1]:
-            stats.vcpu_seconds[cpu] = stats.vcpu_seconds.get(cpu, 0.0) + (ticks - prev[1]) / tick
-        seen[a.tid] = (cpu, ticks)
-    stats.thread_ticks = seen
+
+    def __init__(self, proc: str = "/proc", min_interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.proc = proc
+        self.min_interval = min_interval
+        self.clock = clock
+        self.seconds: dict[int, float] = {}
+        self._ns: dict[int, tuple[int, int]] = {}  # tid -> (cpu, runtime ns) at the last look
+        self._last = -float("inf")
+        self.version = 0  # how many samples were taken
+        self._lock = threading.Lock()  # a scrape and a pre-render may ask at once
+
+    def sample(self, pinned: Iterable[tuple[int, int, int]]) -> Mapping[int, float]:
+        """CPU -> seconds so far; ``pinned``: (pid, tid, cpu) of every vCPU pinned to one CPU."""
+        with self._lock:
+            now = self.clock()
+            if now - self._last >= self.min_interval:
+                self._last = now
+                self.version += 1
+                self._sample(pinned)
+            return MappingProxyType(dict(self.seconds))
+
+    def _sample(self, pinned: Iterable[tuple[int, int, int]]) -> None:
+        seen: dict[int, tuple[int, int]] = {}
+        for pid, tid, cpu in pinned:
+            try:
+                fd = os.open(f"{self.proc}/{pid}/task/{tid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    ns = int(os.read(fd, 128).split()[0])
+                finally:
+                    os.close(fd)
+            except (OSError, ValueError, IndexError):
+                continue  # exited
+            prev = self._ns.get(tid)
+            if prev is not None and prev[0] == cpu and ns >= prev[1]:
+                self.seconds[cpu] = self.seconds.get(cpu, 0.0) + (ns - prev[1]) / 1e9
+            seen[tid] = (cpu, ns)
+        self._ns = seen

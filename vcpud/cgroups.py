@@ -112,13 +112,21 @@ def _ids(text: str) -> list[int]:
 
 
 class Cgroups:
-    """Reads threads' cpuset confinement under ``proc`` and ``root`` (the cgroup mounts)."""
+    """Reads threads' cpuset confinement under ``proc`` and ``root`` (the cgroup mounts).
 
-    def __init__(self, proc: Path = Path("/proc"), root: Path = Path("/sys/fs/cgroup")) -> None:
+    ``once``: each cgroup's CPUs and threads read once, for `ps` and `plan`, which ask about every
+    thread of every VM: a cgroup the VMs share lists all their threads, read for each of them (a
+    quadratic 3 s for 1,800 threads). Not for whoever pins through cgroups, which change them.
+    """
+
+    def __init__(self, proc: Path = Path("/proc"), root: Path = Path("/sys/fs/cgroup"), once: bool = False) -> None:
         self.proc = Path(proc)
         self.root = Path(root)
+        # (mount, path, version) -> the cgroup's directory, effective CPUs, threads; None: not kept
+        self._dirs: dict[tuple[str, str, int], tuple[Path, CpuSet | None, tuple[int, ...] | None]] | None = \
+            {} if once else None
 
-    def _read(self, path: Path, limit: int = SYSFS_LIMIT) -> str | None:
+    def _read(self, path: Path | str, limit: int = SYSFS_LIMIT) -> str | None:
         try:
             return read_text(path, limit)
         except (OSError, UnicodeDecodeError):
@@ -136,7 +144,7 @@ class Cgroups:
 
     def confinement(self, pid: int, tid: int) -> Confinement | None:
         """The thread's cpuset cgroup, or None when it has none vcpud can see (or is gone)."""
-        text = self._read(self.proc / str(pid) / "task" / str(tid) / "cgroup")
+        text = self._read(f"{self.proc}/{pid}/task/{tid}/cgroup")  # no Path joins: ps asks for every thread
         if text is None:
             return None
         v1: tuple[str, str] | None = None
@@ -150,32 +158,47 @@ class Cgroups:
                 v2 = path
         if v1 is not None:
             ctrls, path = v1
-            mounts = [self.root / "cpuset"] + ([self.root / ctrls] if ctrls != "cpuset" else [])
-            return self._at(tid, path, 1, mounts)
+            return self._at(tid, path, 1, ("cpuset",) + ((ctrls,) if ctrls != "cpuset" else ()))
         if v2 is not None:
-            return self._at(tid, v2, 2, [self.root, self.root / "unified"])
+            return self._at(tid, v2, 2, ("", "unified"))
         return None
 
-    def _at(self, tid: int, path: str, version: int, mounts: list[Path]) -> Confinement | None:
+    def _at(self, tid: int, path: str, version: int, mounts: tuple[str, ...]) -> Confinement | None:
+        """``mounts``: where under the root the hierarchy may be mounted."""
         rel = path.strip("/")
         if not path.startswith("/") or ".." in rel.split("/"):
             return None  # outside vcpud's cgroup namespace: not a path on this host
         owner, role = owner_of(path)
-        names = ("cpuset.effective_cpus", "cpuset.cpus.effective") if version == 1 \
-            else ("cpuset.cpus.effective",)
-        for m in mounts:
-            d = m / rel if rel else m
-            effective = self._cpus(d, names)
+        for mount in mounts:
+            d, effective, threads = self._dir(mount, rel, version, owner is not Owner.ROOT)
             if effective is None:
                 continue
-            listing = self._read(d / ("tasks" if version == 1 else "cgroup.threads"), TASKS_LIMIT)
-            try:
-                per_thread = listing is not None and _ids(listing) == [tid]
-            except ValueError:
-                per_thread = False
-            return Confinement(path, effective, owner, per_thread and owner is not Owner.ROOT, version, d, role)
+            return Confinement(path, effective, owner, threads == (tid,), version, d, role)
         # A v2 hierarchy without the cpuset controller confines nothing.
         return None if version == 2 else Confinement(path, None, owner, False, version, None, role)
+
+    def _dir(self, mount: str, rel: str, version: int,
+             threads: bool) -> tuple[Path, CpuSet | None, tuple[int, ...] | None]:
+        """The directory of cgroup ``rel`` under ``mount``, its effective CPUs (None: no cpuset
+        there) and, when ``threads`` (the root cgroup, which lists every thread on the host, is
+        never a thread's own), the threads it lists (None: unreadable)."""
+        key = (mount, rel, version)
+        if self._dirs is not None and key in self._dirs:
+            return self._dirs[key]
+        m = self.root / mount if mount else self.root
+        d = m / rel if rel else m
+        names = ("cpuset.effective_cpus", "cpuset.cpus.effective") if version == 1 else ("cpuset.cpus.effective",)
+        effective = self._cpus(d, names)
+        listed: tuple[int, ...] | None = None
+        if effective is not None and threads:
+            listing = self._read(d / ("tasks" if version == 1 else "cgroup.threads"), TASKS_LIMIT)
+            try:
+                listed = None if listing is None else tuple(_ids(listing))
+            except ValueError:
+                listed = None
+        if self._dirs is not None:
+            self._dirs[key] = (d, effective, listed)
+        return d, effective, listed
 
     def parent_effective(self, c: Confinement) -> CpuSet | None:
         """The effective CPUs of the cgroup above ``c``: what writing ``c`` may ask for."""
@@ -193,7 +216,7 @@ class _Affinity(Protocol):  # pinning.AffinityOps, which imports this module
 
 class _SchedAffinity:
     def get(self, tid: int) -> CpuSet:
-        return CpuSet.of(os.sched_getaffinity(tid))
+        return CpuSet.of_kernel(os.sched_getaffinity(tid))
 
     def set(self, pid: int, tid: int, cpus: CpuSet) -> None:
         os.sched_setaffinity(tid, cpus.cpus)

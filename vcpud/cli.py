@@ -1,32 +1,35 @@
-"""Command line: vcpud topology | check | apply | ps."""
+"""Command line: vcpud topology | check | apply | plan | ps | run.
+
+A one-shot command imports what it uses, in the functions that use it: `topology` no config
+(nor YAML), `check` no discovery or pinning, only `apply` the reconciler, `apply`, `ps` and `plan`
+libvirt-python only for a VM libvirt started (libvirtrun.OnDemand), only `run` the daemon with its
+event sources, journal and metrics.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import __version__
-from .cgroups import CgroupOwner, Cgroups, Confinement
-from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, ListenAddressError, load_config, parse_listen
 from .cpuset import CpuSet
-from .discovery import VM, Role, Scan, Smp, Thread, scan
-from .engine import reconcile
-from .holdings import FileStore, load_priors
-from .libvirt import LibvirtOwner
-from .libvirt import available as libvirt_available
-from .pinning import Chain, OsAffinity, Outcome, Owner, PinResult, predict
-from .placement import Assignment, PoolDecision, VMPlan, arrival_order, assign, plan, vcpu_count
-from .pools import free_cpus
+from .libvirtrun import OnDemand
 from .procfs import Procfs
-from .lscpu import format_parse, format_summary
 from .topology import Topology, TopologyError, read_topology
 from .vocab import VMStatus
+
+if TYPE_CHECKING:
+    from .cgroups import Cgroups, Confinement
+    from .config import Config
+    from .discovery import VM, Scan
+    from .engine import Report
+    from .pinning import AffinityOps, Chain, Outcome, PinResult
+    from .placement import Assignment, VMPlan
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,8 @@ def _setup(args: argparse.Namespace, required: bool) -> tuple[Topology, Config] 
 def _procfs(args: argparse.Namespace) -> Procfs | None:
     """The /proc tree to scan (hidden --proc), or None after printing why it cannot be read."""
     try:
-        os.listdir(args.proc)
+        with os.scandir(args.proc):  # opened, not listed: the scan lists it
+            pass
     except (OSError, ValueError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         print(f"vcpud: cannot read the process list in {_short(str(args.proc))}: {why}", file=sys.stderr)
@@ -119,6 +123,8 @@ def _procfs(args: argparse.Namespace) -> Procfs | None:
 
 def _load(path: Path | None, online: CpuSet, required: bool) -> Config | None:
     """The config, or None (printed errors) when it does not load."""
+    from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+
     target = path or DEFAULT_CONFIG_PATH
     if path is None and not required and not target.exists():
         print(f"vcpud: no {target}: showing VMs without policies", file=sys.stderr)
@@ -137,8 +143,13 @@ def cmd_topology(args: argparse.Namespace) -> int:
     if topo is None:
         return EXIT_FAILED
     if args.json:
+        import json
+
         print(json.dumps(topo.to_json(), indent=2))
-    elif args.parse or args.physical:
+        return EXIT_OK
+    from .lscpu import format_parse, format_summary
+
+    if args.parse or args.physical:
         _emit(format_parse(topo, physical=args.physical))
     else:
         summary = format_summary(topo)  # CPU type names come from /proc/cpuinfo: _emit() escapes
@@ -157,18 +168,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 # --- owners: who pins a thread ---------------------------------------------------
-def _cgroups(args: argparse.Namespace) -> Cgroups:
-    return Cgroups(Path(args.proc), Path(args.cgroup_root))
+def _cgroups(args: argparse.Namespace, once: bool = False) -> Cgroups:
+    """``once``: each cgroup read once (ps, plan: they only read, about every thread)."""
+    from .cgroups import Cgroups
+
+    return Cgroups(Path(args.proc), Path(args.cgroup_root), once=once)
 
 
-def _router(args: argparse.Namespace) -> Chain:
+def _router(args: argparse.Namespace, libvirt: OnDemand) -> Chain:
     """Who pins a VM's threads: libvirt's API for libvirt's VMs (libvirt-python installed), the
     thread's own cgroup where a known VM manager gives it one (as libvirt does), else
     sched_setaffinity."""
+    from .cgroups import CgroupOwner
+    from .pinning import Chain
+
     os_ops = OsAffinity(Path(args.proc))
-    owners: list[Owner] = [LibvirtOwner()] if libvirt_available() else []
-    owners.append(CgroupOwner(_cgroups(args), os_ops))
-    return Chain(*owners, fallback=os_ops)
+    return Chain(libvirt, CgroupOwner(_cgroups(args), os_ops), fallback=os_ops)
 
 
 def owner_name(c: Confinement | None) -> str:
@@ -177,14 +192,11 @@ def owner_name(c: Confinement | None) -> str:
     return "cgroup" if c is not None and c.writable else "sched_setaffinity"
 
 
-def _libvirt_owns(vm: VM) -> bool:
-    """libvirt started this VM (its pid file names it) and vcpud would pin it through libvirt."""
-    return libvirt_available() and LibvirtOwner().is_libvirts(vm)
-
-
 def _prediction(cg: Cgroups, a: Assignment, affinity: CpuSet | None, libvirt: bool = False) -> dict[str, Any]:
     """What pinning ``a`` would do: the thread's cgroup, the owner, and a predicted failure
     (none through libvirt: it moves its own cgroups)."""
+    from .pinning import predict
+
     c = cg.confinement(a.pid, a.tid)
     p = predict(a, c, cg) if affinity != a.cpus and not libvirt else None
     return {
@@ -200,6 +212,8 @@ def _prediction(cg: Cgroups, a: Assignment, affinity: CpuSet | None, libvirt: bo
 
 # --- apply --------------------------------------------------------------------------
 def _vm_line(v: VMPlan, results: Sequence[PinResult], dry_run: bool) -> list[str]:
+    from .pinning import Outcome
+
     counts: dict[Outcome, int] = {}
     for r in results:
         counts[r.outcome] = counts.get(r.outcome, 0) + 1
@@ -253,7 +267,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if procfs is None:
         return EXIT_FAILED
     report = reconcile(cfg, online, procfs, OsAffinity(Path(args.proc)), dry_run=args.dry_run, topology=topo,
-                       router=_router(args))
+                       router=_router(args, OnDemand()))
     _hint_unreadable(report.scan)
     lines: list[str] = []
     for v in report.vms:
@@ -269,14 +283,39 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+# Imported when called (by `apply` alone, and `scan` by `ps` and `plan` too), and looked up here,
+# where tests replace them.
+def reconcile(*args: Any, **kwargs: Any) -> Report:
+    """engine.reconcile."""
+    from .engine import reconcile as engine_reconcile
+
+    return engine_reconcile(*args, **kwargs)
+
+
+def OsAffinity(proc: Path) -> AffinityOps:
+    """A pinning.OsAffinity."""
+    from .pinning import OsAffinity as Affinity
+
+    return Affinity(proc)
+
+
+def scan(procfs: Procfs, executables: Sequence[str]) -> Scan:
+    """discovery.scan."""
+    from .discovery import scan as discover
+
+    return discover(procfs, executables)
+
+
 # --- ps -----------------------------------------------------------------------------
-def ps_json(found: Scan, plans: Sequence[VMPlan], cgroups: Cgroups | None = None) -> dict[str, Any]:
+def ps_json(found: Scan, plans: Sequence[VMPlan], cgroups: Cgroups | None = None,
+            libvirt: OnDemand | None = None) -> dict[str, Any]:
+    libvirt = libvirt or OnDemand()
     vms = []
     for vp in plans:
         vm = vp.vm
         threads = []
         status: str = vp.status
-        lv = cgroups is not None and vp.policy is not None and _libvirt_owns(vm)
+        lv = cgroups is not None and vp.policy is not None and libvirt.owns(vm)
         for t in vm.threads:
             a = vp.wanted(t.tid)
             pred: dict[str, Any] = {}
@@ -315,14 +354,15 @@ def _cut(s: str, n: int) -> str:
     return s if len(s) <= n else s[: n - 1] + "+"
 
 
-def _cgroup_lines(vp: VMPlan, cgroups: Cgroups | None, affinity: dict[int, CpuSet] | None) -> list[str]:
+def _cgroup_lines(vp: VMPlan, cgroups: Cgroups | None, affinity: dict[int, CpuSet] | None,
+                  libvirt: OnDemand | None = None) -> list[str]:
     """For ps and plan: the owner that would pin, when it is not sched_setaffinity, and one line
     per cgroup that would refuse the plan."""
     if cgroups is None or vp.policy is None:
         return []
     vias: set[str] = set()
     blocked: dict[str, tuple[Confinement, list[tuple[Assignment, str]]]] = {}
-    lv = _libvirt_owns(vp.vm)
+    lv = (libvirt or OnDemand()).owns(vp.vm)
     for a in vp.assignments:
         p = _prediction(cgroups, a, affinity.get(a.tid) if affinity is not None else None, lv)
         vias.add(p["via"])
@@ -338,7 +378,8 @@ def _cgroup_lines(vp: VMPlan, cgroups: Cgroups | None, affinity: dict[int, CpuSe
     return out
 
 
-def ps_table(plans: Sequence[VMPlan], cgroups: Cgroups | None = None) -> str:
+def ps_table(plans: Sequence[VMPlan], cgroups: Cgroups | None = None, libvirt: OnDemand | None = None) -> str:
+    libvirt = libvirt or OnDemand()
     out = []
     for vp in plans:
         vm = vp.vm
@@ -358,7 +399,7 @@ def ps_table(plans: Sequence[VMPlan], cgroups: Cgroups | None = None) -> str:
                        f"{_cut(t.affinity.format(), 16):<16} {_cut(want, 16):<16} {_cut(show(t.comm), 15)}".rstrip())
         for p in vp.problems:
             out.append(_cut(f"  ! {p}", 80))
-        out += _cgroup_lines(vp, cgroups, {t.tid: t.affinity for t in vm.threads})
+        out += _cgroup_lines(vp, cgroups, {t.tid: t.affinity for t in vm.threads}, libvirt)
         out.append("")
     if not plans:
         out.append("no VMs found")
@@ -378,6 +419,8 @@ def _live(args: argparse.Namespace, cfg: Config) -> tuple[Scan, list[VM]] | None
     procfs = _procfs(args)
     if procfs is None:
         return None
+    from .placement import arrival_order
+
     found = scan(procfs, cfg.executables)
     _hint_unreadable(found)
     return found, arrival_order(found.vms)
@@ -393,12 +436,17 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if live is None:
         return EXIT_FAILED
     found, vms = live
+    from .holdings import FileStore, load_priors
+    from .placement import plan
+
     p = plan(cfg, vms, online, topo, load_priors(cfg, FileStore(cfg.state_file), vms, online, topo))
-    cg = _cgroups(args)
+    cg = _cgroups(args, once=True)
     if args.json:
-        print(json.dumps(ps_json(found, p.vms, cg), indent=2))
+        import json
+
+        print(json.dumps(ps_json(found, p.vms, cg, OnDemand()), indent=2))
     else:
-        _emit(ps_table(p.vms, cg))
+        _emit(ps_table(p.vms, cg, OnDemand()))
     return EXIT_OK
 
 
@@ -408,6 +456,8 @@ def what_if_vm(i: int, spec: str) -> VM:
 
     ValueError, saying what is expected, for anything else and for more than MAX_VM_VCPUS vCPUs.
     """
+    from .discovery import VM, Smp
+
     m = _WHAT_IF_RE.match(spec)
     if m is None or not m.group(2).strip("0") or (m.group(3) is not None and not m.group(3).strip("0")):
         raise ValueError(f"--what-if {_short(spec)}: {WHAT_IF_EXPECTED}")
@@ -433,7 +483,11 @@ def what_if_vms(specs: Sequence[str]) -> list[VM]:
     return [what_if_vm(i, spec) for i, spec in enumerate(specs)]
 
 
-def plan_json(vp: VMPlan, cfg: Config, isolated: CpuSet, cgroups: Cgroups | None = None) -> dict[str, Any]:
+def plan_json(vp: VMPlan, cfg: Config, isolated: CpuSet, cgroups: Cgroups | None = None,
+              libvirt: OnDemand | None = None) -> dict[str, Any]:
+    from .discovery import Role, Thread
+    from .placement import PoolDecision, assign, vcpu_count
+
     vm = vp.vm
     policy = cfg.select(vm) if vp.policy else None
     vcpus: dict[str, list[int]] = {}
@@ -454,7 +508,7 @@ def plan_json(vp: VMPlan, cfg: Config, isolated: CpuSet, cgroups: Cgroups | None
     threads: dict[str, dict[str, Any]] = {}
     if cgroups is not None and vm.pid > 0:
         affinity = {t.tid: t.affinity for t in vm.threads}
-        lv = _libvirt_owns(vm)
+        lv = (libvirt or OnDemand()).owns(vm)
         for a in vp.assignments:
             p = _prediction(cgroups, a, affinity.get(a.tid), lv)
             p.pop("confinement")
@@ -499,15 +553,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         print(printable_lines(f"vcpud: topology from {args.sysroot}: this host's VMs are not part of the plan"),
               file=sys.stderr)
-    prior = load_priors(cfg, FileStore(cfg.state_file), live, online, topo) if live else {}
+    from .placement import plan
+    from .pools import free_cpus
+
+    if live:
+        from .holdings import FileStore, load_priors
+
+        prior = load_priors(cfg, FileStore(cfg.state_file), live, online, topo)
+    else:
+        prior = {}
     p = plan(cfg, live + imagined, online, topo, prior)
-    cg = _cgroups(args) if live else None
-    rows = [plan_json(vp, cfg, topo.isolated, cg) for vp in p.vms]
+    cg = _cgroups(args, once=True) if live else None
+    libvirt = OnDemand()
+    rows = [plan_json(vp, cfg, topo.isolated, cg, libvirt) for vp in p.vms]
     free = free_cpus(cfg.pools, topo, list(p.allocations.values()))
     pools = {name: {"cpus": list(spec.cpus & online), "exclusive": spec.exclusive,
                     **({"free": list(free.get(name, CpuSet()))} if spec.exclusive else {})}
              for name, spec in cfg.pools.items()}
     if args.json:
+        import json
+
         print(json.dumps({"vms": rows, "pools": pools}, indent=1))
         return EXIT_OK
     out: list[str] = []
@@ -522,7 +587,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.verbose:
             out += [f"    {k}: {why}" for k, why in r["reasons"].items()]
         if cg is not None and vp.vm.pid > 0:
-            out += ["  " + line for line in _cgroup_lines(vp, cg, {t.tid: t.affinity for t in vp.vm.threads})]
+            out += ["  " + line for line in _cgroup_lines(vp, cg, {t.tid: t.affinity for t in vp.vm.threads},
+                                                          libvirt)]
     for name, spec in cfg.pools.items():
         extra = ""
         if spec.exclusive:
@@ -535,6 +601,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 # --- run ----------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
+    # What writing the state file takes, imported when the service starts, not at its first
+    # save hours later (vcpud.state imports them when it needs them, for one-shot commands).
+    import json  # noqa: F401
+    import tempfile  # noqa: F401
+
+    from .config import DEFAULT_CONFIG_PATH, ConfigError
     from .daemon import Daemon
     from .sdnotify import setup_logging
 
@@ -555,8 +627,37 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # --- main ---------------------------------------------------------------------------
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, as wide as shutil.get_terminal_size() says (COLUMNS, else the terminal, else
+    80) without importing shutil, and with it bz2 and lzma, for every command line: argparse
+    makes a formatter for each argument it is given."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:
+            width = _terminal_columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def _terminal_columns() -> int:
+    """shutil.get_terminal_size().columns."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        columns = 0
+    return columns or 80
+
+
 def _listen_arg(text: str) -> str:
     """--metrics-listen: the config's listen grammar; "off" or the address written out."""
+    from .config import ListenAddressError, parse_listen
+
     try:
         return str(parse_listen(text))
     except ListenAddressError as e:
@@ -564,11 +665,15 @@ def _listen_arg(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vcpud", description="CPU placement for QEMU/KVM guests.")
+    ap = argparse.ArgumentParser(prog="vcpud", description="CPU placement for QEMU/KVM guests.",
+                                 formatter_class=_HelpFormatter)
     ap.add_argument("--version", action="version", version=f"vcpud {__version__}")
     levels = ["debug", "info", "warning", "error"]
     ap.add_argument("--log-level", default=None, choices=levels, help="default: info for run, else warning")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, formatter_class=_HelpFormatter)
 
     def common(p: argparse.ArgumentParser, config: bool = True) -> None:
         if config:
@@ -578,23 +683,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cgroup-root", default="/sys/fs/cgroup", help=argparse.SUPPRESS)
         p.add_argument("--log-level", default=argparse.SUPPRESS, choices=levels)
 
-    p = sub.add_parser("topology", help="show the host's CPU topology")
+    p = command("topology", "show the host's CPU topology")
     common(p, config=False)
     p.add_argument("--parse", action="store_true", help="print what `lscpu --parse` prints")
     p.add_argument("--physical", action="store_true", help="with --parse: kernel IDs, like `lscpu --parse --physical`")
     p.add_argument("--json", action="store_true", help="the whole model as JSON")
     p.set_defaults(func=cmd_topology)
 
-    p = sub.add_parser("check", help="validate the configuration against this host")
+    p = command("check", "validate the configuration against this host")
     common(p)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("apply", help="pin every VM's threads once, as the policies say")
+    p = command("apply", "pin every VM's threads once, as the policies say")
     common(p)
     p.add_argument("--dry-run", "-n", action="store_true", help="show what would change, change nothing")
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("plan", help="the placement for live and imagined VMs, with its reasons")
+    p = command("plan", "the placement for live and imagined VMs, with its reasons")
     common(p)
     p.add_argument("--what-if", action="append", metavar="NAME:VCPUS[:THREADS]",
                    help="an imagined VM, placed after the live ones (repeatable)")
@@ -602,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="why each CPU was chosen")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("run", help="the service: watch VMs and keep them pinned (foreground)")
+    p = command("run", "the service: watch VMs and keep them pinned (foreground)")
     common(p)
     p.add_argument("--metrics-listen", metavar="HOST:PORT", type=_listen_arg,
                    help="serve Prometheus metrics there: HOST:PORT, [IPV6]:PORT (0.0.0.0:PORT or [::]:PORT for "
@@ -611,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-connector", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("ps", help="list VMs, their threads, roles and affinities")
+    p = command("ps", "list VMs, their threads, roles and affinities")
     common(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ps)

@@ -87,6 +87,11 @@ class CpuSet:
         return cls(s)
 
     @classmethod
+    def of_kernel(cls, cpus: Iterable[int]) -> "CpuSet":
+        """The CPUs the kernel reported (sched_getaffinity): valid CPU numbers, not checked again."""
+        return cls(frozenset(cpus))
+
+    @classmethod
     def parse(cls, text: str | int) -> "CpuSet":
         """Parse a cpulist (``0-3,8``, ``0-15:2``) or a ``0x`` hex mask. Never empty."""
         if isinstance(text, bool):
@@ -147,10 +152,7 @@ class CpuSet:
     # --- formatting -------------------------------------------------------------
     def format(self) -> str:
         """Kernel cpulist form: ``0-3,8``; the empty set formats as ``''``."""
-        out: list[str] = []
-        for lo, hi in self.ranges():
-            out.append(str(lo) if lo == hi else f"{lo}-{hi}")
-        return ",".join(out)
+        return _format(self.cpus)
 
     def ranges(self) -> list[tuple[int, int]]:
         items = sorted(self.cpus)
@@ -234,6 +236,12 @@ class CpuSet:
 
     def __repr__(self) -> str:
         return f"CpuSet({self.format()!r})"
+
+
+@lru_cache(maxsize=4096)
+def _format(cpus: frozenset[int]) -> str:
+    # A host's pins repeat the same few sets: a bulk pass logs thousands of them.
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in CpuSet(cpus).ranges())
 
 
 def _parse_part(part: str, whole: str) -> int:

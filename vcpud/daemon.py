@@ -11,17 +11,16 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import bounded
-from .activity import Stats
-from .cgroups import CgroupOwner, Cgroups
+from .activity import Stats, VcpuClock
 from .cpuset import CpuSet
 from .discovery import ExeCheck
 from .config import Config, load_config
 from .holdings import FileStore
-from .libvirt import LibvirtOwner, libvirt_owner
-from .pinning import AffinityOps, Chain, OsAffinity, Owner
+from .owners import Owners
+from .pinning import AffinityOps, OsAffinity
 from .procfs import Procfs
 from .publisher import ConfigInfo, snapshot, status_line
 from .reconciler import Reconciler, ScanReason
@@ -31,6 +30,9 @@ from .snapshot import Snapshot
 from .sources import Sources
 from .topology import Topology, read_topology
 from .vocab import EventSource
+
+if TYPE_CHECKING:
+    from .libvirt import LibvirtOwner
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +93,7 @@ class Daemon:
         self.sources = Sources(use_connector, use_udev)
         self.loader = BackgroundLoader(config_path, sysroot, self.sources.wake)
         self._status_sent = ""
-        # libvirt's VMs are pinned through libvirt when libvirt-python is there and libvirtd answers
-        self.libvirt: LibvirtOwner | None = libvirt_owner() if use_libvirt else None
+        self.owners = Owners(proc, self.ops, use_libvirt)
 
     @property
     def reconciler(self) -> Reconciler:
@@ -105,17 +106,24 @@ class Daemon:
         """First configuration load; raises ConfigError (or OSError for the topology)."""
         topology = read_topology(self.sysroot)
         config = load_config(self.config_path, online=topology.online)
-        # A VM's owner pins its threads where one confines them: libvirt's API for libvirt's VMs,
-        # a VM manager's per-thread cgroups without it; sched_setaffinity for everything else.
-        owners: list[Owner] = [] if self.libvirt is None else [self.libvirt]
-        owners.append(CgroupOwner(Cgroups(self.proc), self.ops))
-        router = Chain(*owners, fallback=self.ops)
+        self.owners.adopt()
         self.rec = Reconciler(config, topology.online, self.procfs, self.ops, FileStore(config.state_file),
                               topology=topology, clock=self.clock, stats=self.stats, exe_check=self.exe_check,
-                              router=router)
+                              router=self.owners.router())
         self.info = ConfigInfo(loaded_at=datetime.now().strftime("%H:%M:%S"))
         self.stats.last_reload_success = time.time()
         log.info("loaded %d policies from %s", len(config.policies), ", ".join(config.files))
+
+    @property
+    def libvirt(self) -> "LibvirtOwner | None":
+        return self.owners.libvirt
+
+    def adopt_libvirt(self) -> None:
+        """libvirtd listens since the last look: pin libvirt's VMs through it from now on."""
+        if self.owners.adopt() and self.rec is not None and self.libvirt is not None:
+            self.libvirt.attach(self.sources.sel)  # the loop runs: its sources are open
+            self.rec.pinner.router = self.owners.router()
+            self.rec.rescan_wanted = True  # libvirt's VMs pinned so far went around it
 
     def open_sources(self) -> None:
         self.sources.open(self._on_stop, self._on_hup)
@@ -142,6 +150,9 @@ class Daemon:
         # (tests/benchmarks/bench_metrics.py).
         sys.setswitchinterval(0.0005)
         self.open_sources()
+        # With the connector every FORK/COMM/EXIT of a known VM reaches the reconciler: its
+        # rescans re-check known VMs by task list and affinities (vcpud.recheck).
+        rec.trust_events = self.sources.connector is not None
         try:
             self.start_metrics()
             rec.rescan(ScanReason.STARTUP)
@@ -165,6 +176,7 @@ class Daemon:
     def turn(self) -> None:
         """One loop iteration: wait for an event or the next timer, then do what is due."""
         rec = self.reconciler
+        self.sources.watch(rec.watched())  # before sleeping: the kernel drops what no VM needs
         timers = [self.next_rescan]
         due = rec.next_deadline()
         if due is not None:
@@ -271,6 +283,7 @@ class Daemon:
         if online not in (None, self.reconciler.online) and self.refresh_topology():
             return  # a CPU came or went and no uevent told us: that was a full rescan
         self.stats.count_event(EventSource.RESCAN)
+        self.adopt_libvirt()
         self.reconciler.rescan(ScanReason.PERIODIC)
         self.notifier.status(self.status_line())
 
@@ -318,7 +331,7 @@ class Daemon:
             return
         from .metrics import MetricsServer
 
-        server = MetricsServer(lambda: self.snapshot)
+        server = MetricsServer(lambda: self.snapshot, VcpuClock(str(self.proc)))
         try:
             self.metrics_address = server.start(listen)
         except OSError as e:

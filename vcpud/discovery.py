@@ -15,7 +15,7 @@ import pwd
 import re
 import stat
 from dataclasses import dataclass, replace
-from typing import Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 from .cpuset import CpuSet
 from .procfs import PF_KTHREAD, PF_USER_WORKER, ProcessSnapshot, Procfs, ThreadSnapshot, Vanished
@@ -139,6 +139,9 @@ class Scan:
     # qemu processes started with -daemonize that show no guest yet (no vCPU thread, no KVM VM
     # fd): the parents it forks through while daemonizing never will, the daemon soon will
     starting: tuple[int, ...] = ()
+    # processes that are not VMs (other executables, kernel threads): not looked at again until
+    # they exec (the reconciler's not_vm)
+    not_vms: tuple[int, ...] = ()
 
 
 # --- qemu command line --------------------------------------------------------------
@@ -610,36 +613,32 @@ def scan(
     procfs: Procfs,
     executables: Sequence[str] = DEFAULT_EXECUTABLES,
     pids: Iterable[int] | None = None,
-    known: Mapping[int, VM] | None = None,
     exe_check: ExeCheck | None = None,
 ) -> Scan:
     """Find every VM among ``pids`` (default: all of /proc). Never raises for a vanished task.
 
-    VMs in ``known`` (by pid) that have not changed are refreshed cheaply instead of re-read.
     ``exe_check`` supplies the executable facts (default: the live host, see verify_executable).
     """
     vms: list[VM] = []
     rejected: list[Rejected] = []
     errors: list[str] = []
     starting: list[int] = []
+    not_vms: list[int] = []
     vanished = unreadable = 0
     for pid in (procfs.pids() if pids is None else pids):
         try:
-            prev = known.get(pid) if known else None
-            if prev is not None:
-                same = refresh_vm(procfs, prev)
-                if same is not None:
-                    vms.append(same)
-                    continue
             exe, why = verify_executable(procfs, pid, executables, exe_check)
             if exe is None:
-                unreadable += why == UNREADABLE
-                continue  # kernel thread or unreadable: not a candidate
+                if why == UNREADABLE:
+                    unreadable += 1  # may be a VM: looked at again
+                else:
+                    not_vms.append(pid)  # a kernel thread
+                continue
             if why is not None:
-                if exe and os.path.basename(exe.removesuffix(_DELETED)).startswith(("qemu", "kvm")):
+                not_vms.append(pid)
+                if os.path.basename(exe.removesuffix(_DELETED)).startswith(("qemu", "kvm")):
                     rejected.append(Rejected(pid, exe, why))
                 continue
-            assert exe is not None
             vm = snapshot_vm(procfs, pid, exe)
             vanished += vm.vanished_threads
             if daemonizes(vm.cmdline) and not shows_guest(procfs, vm):
@@ -652,7 +651,7 @@ def scan(
             errors.append(f"pid {pid}: {e}")
             log.warning("cannot read pid %d: %s", pid, e)
     return Scan(vms=tuple(vms), rejected=tuple(rejected), vanished=vanished, errors=tuple(errors),
-                unreadable=unreadable, starting=tuple(starting))
+                unreadable=unreadable, starting=tuple(starting), not_vms=tuple(not_vms))
 
 
 def classify_new_thread(vm: VM, t: ThreadSnapshot) -> Thread | None:

@@ -32,9 +32,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable
 
-from . import bounded
 from .cpuset import CpuSet
 from .discovery import Role
+from .libvirtrun import RUN_DIR, pidfile, started
 
 if TYPE_CHECKING:
     from .discovery import VM, Thread
@@ -47,7 +47,6 @@ except ImportError:  # the optional extra is not installed
 log = logging.getLogger(__name__)
 
 URI = "qemu:///system"
-RUN_DIR = Path("/run/libvirt/qemu")
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0)  # seconds between reconnection attempts
 IOTHREAD_ID = re.compile(r"iothread(\d+)")
 DEFERRED_POLL = 0.002  # s between looks at the status files of domains whose pins wait for a job
@@ -190,7 +189,7 @@ class LibvirtAffinity:
         self.ncpus = ncpus
 
     def get(self, tid: int) -> CpuSet:
-        return CpuSet.of(os.sched_getaffinity(tid))
+        return CpuSet.of_kernel(os.sched_getaffinity(tid))
 
     def via(self, pid: int, tid: int) -> str:
         t = self.threads.get(tid)
@@ -242,7 +241,7 @@ class DeferredAffinity:
         kept = self.owner.deferred.get(self.vm.key)
         if kept is not None and tid in kept[1]:
             return kept[1][tid]
-        now = CpuSet.of(os.sched_getaffinity(tid))
+        now = CpuSet.of_kernel(os.sched_getaffinity(tid))
         # While libvirt starts the domain it sets every thread's CPUs itself, later: what the
         # thread has now says nothing, so every pin is kept for after the start (else a thread
         # already on its CPUs would be found moved by libvirt, as if it had drifted).
@@ -501,16 +500,12 @@ class LibvirtOwner:
             self.pending.add(pid)
 
     def _pidfile(self, name: str) -> int:
-        try:
-            text = bounded.read_text(self.run_dir / f"{name}.pid", 64).strip()
-        except (OSError, ValueError):
-            return 0
-        return int(text) if text.isascii() and text.isdigit() and len(text) <= 10 else 0
+        return pidfile(self.run_dir, name)
 
     # --- the router's question ----------------------------------------------------------
     def is_libvirts(self, vm: "VM") -> bool:
         """libvirt started it: its pid file for the VM's name names this very process."""
-        return vm.name is not None and "/" not in vm.name and self._pidfile(vm.name) == vm.pid
+        return started(vm, self.run_dir)
 
     def domain(self, vm: "VM") -> Any:
         if vm.key in self.domains:

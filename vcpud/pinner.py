@@ -1,15 +1,21 @@
-"""Pinning one thread of a VM through its owner, and keeping the account: counted by outcome,
-said once per (thread, reason), and a cgroup refusal not retried until what it depended on changes."""
+"""Pinning a VM's threads through its owner, and keeping the account: counted by outcome, said
+once per (thread, reason) or in one line per VM for a whole plan, and a cgroup refusal not
+retried until what it depended on changes."""
 
 from __future__ import annotations
 
 import logging
-from typing import Hashable
+from typing import TYPE_CHECKING, Hashable, Iterable
 
 from .activity import Stats
 from .pinning import AffinityOps, Outcome, PinResult, Router, confinement, pin_one
-from .placement import Assignment
-from .vmstate import VMState, journal_fields, say_once, since
+from .cpuset import CpuSet
+from .discovery import Thread
+from .placement import Assignment, assign
+from .vmstate import Bulk, VMState, journal_fields, say_once, since
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger("vcpud.reconciler")
 
@@ -34,9 +40,13 @@ class Pinner:
         key = (a.cpus, c.path, c.effective, c.per_thread, now)
         return key, f"{c.path} {c.effective}"
 
-    def pin(self, st: VMState, a: Assignment, event_ns: int = 0) -> PinResult:
-        """Pin ``a`` through the VM's owner; record, count and say the outcome."""
-        ops = self.router.ops_for(st.vm)
+    def pin(self, st: VMState, a: Assignment, event_ns: int = 0, quiet: bool = False,
+            ops: AffinityOps | None = None, before: CpuSet | None = None) -> PinResult:
+        """Pin ``a`` through the VM's owner (``ops``: the one the router gives, when the caller
+        asked it already); record, count and say the outcome (``quiet``: the caller says a success,
+        for the whole VM). ``before``: the thread's affinity, when the caller just read it."""
+        ops = ops if ops is not None else self.router.ops_for(st.vm)
+        st.dirty = True
         vm, policy = st.vm, st.policy.name if st.policy else None
         held = st.blocked.get(a.tid)
         if held is not None:
@@ -51,15 +61,16 @@ class Pinner:
             del st.blocked[a.tid]
             log.info("VM %s tid %d (%s): its cpuset cgroup or its wanted CPUs changed; trying again",
                      vm.display_name, a.tid, a.label, extra=journal_fields(vm, policy, a))
-        r = pin_one(a, ops, self.dry_run)
+        r = pin_one(a, ops, self.dry_run, before)
         self.stats.pins[r.outcome] += 1
         if r.outcome is Outcome.PINNED:
             if event_ns:
                 self.stats.latency_hist.observe(since(event_ns))
-            after = f" ({since(event_ns) * 1e6:.0f} us after the event)" if event_ns else ""
-            log.info("pinned VM %s tid %d (%s) to %s by %s%s%s", vm.display_name, a.tid, a.label, a.cpus, a.rule,
-                     after, f" via {r.via}" if r.via and r.via != "sched_setaffinity" else "",
-                     extra=journal_fields(vm, policy, a))
+            if not quiet:  # else the caller says it, with the VM's other threads
+                after = f" ({since(event_ns) * 1e6:.0f} us after the event)" if event_ns else ""
+                log.info("pinned VM %s tid %d (%s) to %s by %s%s%s", vm.display_name, a.tid, a.label, a.cpus, a.rule,
+                         after, f" via {r.via}" if r.via and r.via != "sched_setaffinity" else "",
+                         extra=journal_fields(vm, policy, a))
         elif r.outcome is Outcome.UNCHANGED and event_ns:
             # An event about a thread already where it belongs (it inherited the CPUs): no pin, no latency.
             log.debug("VM %s tid %d (%s) already on %s (%s): nothing to pin", vm.display_name, a.tid, a.label,
@@ -90,3 +101,49 @@ class Pinner:
         elif r.outcome is not Outcome.VANISHED:
             st.failed[a.tid] = r
         return r
+
+    # --- one VM ---------------------------------------------------------------------------
+    def pin_plan(self, st: VMState, prev: VMState | None) -> list[PinResult]:
+        """Pin every assignment of ``st.plan``; a thread ``prev`` had pinned to the same CPUs and
+        that is found elsewhere was moved by someone (drift, counted). One log line for the VM."""
+        bulk = Bulk(st)
+        ops = self.router.ops_for(st.vm)
+        for a in st.plan.assignments if st.plan is not None else ():
+            before = prev.wanted.get(a.tid) if prev else None
+            r = self.pin(st, a, quiet=True, ops=ops)
+            if before is not None and before.cpus == a.cpus:
+                bulk.moved(a, r.before, r)
+            else:
+                bulk.add(r)
+        self.stats.drift_corrections += bulk.say()
+        return bulk.results
+
+    def put_back(self, st: VMState, drifted: Iterable[tuple[Assignment, CpuSet]]) -> list[PinResult]:
+        """Under an unchanged plan: put back the threads found moved, try the failed ones again."""
+        bulk = Bulk(st)
+        ops = self.router.ops_for(st.vm)
+        for a, now in drifted:
+            bulk.moved(a, now, self.pin(st, a, quiet=True, ops=ops, before=now))
+        for failed in list(st.failed.values()):
+            bulk.add(self.pin(st, failed.assignment, quiet=True, ops=ops))
+        self.stats.drift_corrections += bulk.say()
+        return bulk.results
+
+    def place(self, st: VMState, t: Thread, config: "Config", online: CpuSet, isolated: CpuSet,
+              event_ns: int = 0) -> bool:
+        """Pin one new or renamed thread by its VM's policy and pool decision. False when the VM
+        must be planned again first (a vCPU hot-plugged past the pool CPUs it holds)."""
+        st.dirty = True
+        if st.policy is None:
+            return True
+        if st.outgrows_allocation(t):
+            return False
+        rule = assign(t, st.vm, st.policy, config, st.decision, isolated)
+        if rule is None:
+            st.wanted.pop(t.tid, None)
+            return True
+        usable = rule[1] & online
+        if usable:
+            self.pin(st, Assignment(pid=st.vm.pid, tid=t.tid, label=t.label, role=t.role, cpus=usable, rule=rule[0]),
+                     event_ns)
+        return True

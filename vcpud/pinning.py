@@ -101,6 +101,7 @@ class OsAffinity:
 
     def __init__(self, proc: Path = Path("/proc"), cgroup: Path = Path("/sys/fs/cgroup")) -> None:
         self.proc = proc
+        self._proc = str(proc)
         self.cgroup = cgroup
         self.cgroups = Cgroups(proc, cgroup)
 
@@ -108,11 +109,11 @@ class OsAffinity:
         return self.cgroups.confinement(pid, tid)
 
     def get(self, tid: int) -> CpuSet:
-        return CpuSet.of(os.sched_getaffinity(tid))
+        return CpuSet.of_kernel(os.sched_getaffinity(tid))
 
     def set(self, pid: int, tid: int, cpus: CpuSet) -> None:
         # TIDs are recycled: make sure this one is still a thread of that process.
-        if not (self.proc / str(pid) / "task" / str(tid)).exists():
+        if not os.path.exists(f"{self._proc}/{pid}/task/{tid}"):
             raise ProcessLookupError(errno.ESRCH, "thread is gone")
         os.sched_setaffinity(tid, cpus.cpus)
 
@@ -165,12 +166,14 @@ def predict(a: Assignment, c: Confinement | None, cgroups: Cgroups | None = None
     return outcome, f"CPUs {a.cpus} are outside {c.describe()}; {c.hint()}"
 
 
-def pin_one(a: Assignment, ops: AffinityOps, dry_run: bool = False) -> PinResult:
+def pin_one(a: Assignment, ops: AffinityOps, dry_run: bool = False, before: CpuSet | None = None) -> PinResult:
+    """Pin one thread and read it back. ``before``: its affinity, when the caller just read it."""
     how = via(ops, a)
-    try:
-        before = ops.get(a.tid)
-    except OSError as e:
-        return PinResult(a, classify_errno(e), detail=os.strerror(e.errno or 0), via=how)
+    if before is None:
+        try:
+            before = ops.get(a.tid)
+        except OSError as e:
+            return PinResult(a, classify_errno(e), detail=os.strerror(e.errno or 0), via=how)
     if before == a.cpus:
         return PinResult(a, Outcome.UNCHANGED, before, before, via=how)
     if dry_run:

@@ -12,6 +12,8 @@ import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
+from . import procfilter
+
 log = logging.getLogger(__name__)
 
 # linux/netlink.h, linux/connector.h, linux/cn_proc.h
@@ -201,6 +203,7 @@ class ProcConnector:
         self._pending: list[ProcEvent] = []
         self._overrun_pending = False
         self._closed = False
+        self._said_too_long = False
         self._buf = bytearray(_RECV_BUFFER)
         try:
             self._sock = socket.socket(
@@ -316,6 +319,46 @@ class ProcConnector:
             log.warning("dropped a %d-byte datagram from netlink port %d posing as the kernel", n, portid)
             return None
         return bytes(memoryview(self._buf)[:n])
+
+    def watch(self, tgids: Collection[int] | None) -> None:
+        """Let the kernel drop the fork/comm/exit events of every process but ``tgids``.
+
+        A classic BPF socket filter (vcpud.procfilter) that also passes every exec, every COMM
+        naming a "CPU ..." or "IO ..." thread, the kernel's acks and whatever it does not
+        understand; with ``events`` given, it drops the other kinds too (for kernels that ignore
+        the event-type mask). ``None``: no filter, every event passes. Replaces the filter for
+        the events that follow; those already queued are read as they are. More tgids than fit
+        in the kernel's 4,096 instructions (2,712): every fork/comm/exit passes, said once
+        in the log. If the kernel refuses the program, the socket is left without a filter.
+        """
+        if self._closed:
+            raise ValueError("watch() on a closed ProcConnector")
+        prog, what = None, "none"
+        if tgids is not None:
+            try:
+                prog = procfilter.build(tgids, self._events)
+                what = f"{len(tgids)} processes"
+            except procfilter.TooLong as e:
+                if not self._said_too_long:
+                    self._said_too_long = True
+                    log.warning("%d processes to watch need a proc connector filter of %s: every fork, comm and "
+                                "exit passes instead (said once)", len(tgids), e)
+                if self._events is not None:
+                    prog = procfilter.build(None, self._events)  # the kinds at least, for older kernels
+                    what = "event kinds only"
+        try:
+            if prog is None:
+                procfilter.detach(self._sock)
+            else:
+                procfilter.attach(self._sock, prog)
+        except OSError as e:
+            log.warning("cannot set the proc connector filter (%s): every event passes", e)
+            try:
+                procfilter.detach(self._sock)
+            except OSError as e2:  # never seen: the previous filter stays, rescans find what it drops
+                log.error("cannot remove the proc connector filter either (%s)", e2)
+            return
+        log.debug("proc connector filter: %s, %d instructions", what, len(prog or ()))
 
     def fileno(self) -> int:
         return self._sock.fileno()

@@ -26,6 +26,11 @@ PF_KTHREAD = 0x00200000
 PF_USER_WORKER = 0x00004000  # kernel-created thread inside a user process (vhost, kvm-nx-lpage-recovery)
 
 
+# The most vcpud reads of one /proc file: a cmdline is at most ARG_MAX (2 MiB by default, a quarter
+# of the stack limit); no stat, status or comm comes near.
+READ_LIMIT = 4 << 20
+
+
 class Vanished(Exception):
     """The process or thread went away while being read."""
 
@@ -120,9 +125,30 @@ class Procfs:
 
     # --- primitive readers ------------------------------------------------------
     def _read(self, path: str) -> str:
-        with _vanishing(path):
-            with open(path, "rb") as f:
-                return f.read().decode("utf-8", "replace")
+        # os.open/os.read: a rescan reads thousands of these, and a Python file object costs
+        # more than the kernel's work. The loop bounds the read (a /proc file is never endless).
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in _GONE:
+                raise Vanished(path) from None
+            raise
+        try:
+            chunks = []
+            total = 0
+            while total < READ_LIMIT:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+        except OSError as e:
+            if e.errno in _GONE:
+                raise Vanished(path) from None
+            raise
+        finally:
+            os.close(fd)
+        return b"".join(chunks).decode("utf-8", "replace")
 
     def _readlink(self, path: str) -> str:
         with _vanishing(path):
@@ -147,6 +173,10 @@ class Procfs:
 
     def tids(self, pid: int) -> list[int]:
         return sorted(int(n) for n in self._listdir(f"{self._r}/{pid}/task") if n.isdigit())
+
+    def task_ids(self, pid: int) -> set[int]:
+        """The process's TIDs, unordered (what a re-check compares with what it knows)."""
+        return {int(n) for n in self._listdir(f"{self._r}/{pid}/task") if n.isdigit()}
 
     def exe(self, pid: int) -> str:
         return self._readlink(f"{self._r}/{pid}/exe")
@@ -194,10 +224,20 @@ class Procfs:
     def comm(self, pid: int, tid: int) -> str:
         return self._read(f"{self._r}/{pid}/task/{tid}/comm").rstrip("\n")
 
+    def affinity_set(self, pid: int, tid: int) -> frozenset[int] | set[int]:
+        """The CPUs a thread may run on, as the kernel gives them (a re-check of thousands of
+        threads compares these with what it pinned, making no CpuSet for the unchanged)."""
+        if self._live:
+            try:
+                return os.sched_getaffinity(tid)
+            except ProcessLookupError:
+                raise Vanished(str(tid)) from None
+        return self.affinity(pid, tid).cpus
+
     def affinity(self, pid: int, tid: int) -> CpuSet:
         if self._live:
             try:
-                return CpuSet.of(os.sched_getaffinity(tid))
+                return CpuSet.of_kernel(os.sched_getaffinity(tid))
             except ProcessLookupError:
                 raise Vanished(str(tid)) from None
         cal = self.status(pid, tid).get("Cpus_allowed_list")

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from . import __version__
+from .discovery import Role
 from .reconciler import Reconciler
+from .vmstate import VMState
 from .snapshot import PoolView, Snapshot, ThreadView, VMView
 from .vocab import ThreadState
 
@@ -20,25 +22,36 @@ class ConfigInfo:
     reload_error: str = ""    # why the last reload failed, "" when it did not
 
 
+def vm_view(st: VMState) -> tuple[VMView, tuple[tuple[int, int, int], ...]]:
+    """What readers see of one VM, and its vCPUs pinned to one CPU (pid, tid, cpu)."""
+    threads = []
+    for t in st.vm.threads:
+        a = st.wanted.get(t.tid)
+        state = ThreadState.PINNED if a is not None else \
+            ThreadState.FAILED if t.tid in st.failed else ThreadState.UNPINNED
+        threads.append(ThreadView(role=t.role, cpus=a.cpus if a else t.affinity, state=state, vcpu=t.vcpu))
+    vcpus = tuple((st.vm.pid, tid, a.cpus.first()) for tid, a in st.wanted.items()
+                  if a.role is Role.VCPU and len(a.cpus) == 1)
+    view = VMView(name=st.vm.display_name, uuid=st.vm.uuid or "", policy=st.policy.name if st.policy else "",
+                  status=st.status, threads=tuple(threads))
+    return view, vcpus
+
+
 def snapshot(rec: Reconciler) -> Snapshot:
     vms = []
+    pinned_vcpus: list[tuple[int, int, int]] = []
     for st in rec.vms.values():
-        threads = []
-        for t in st.vm.threads:
-            a = st.wanted.get(t.tid)
-            state = ThreadState.PINNED if a is not None else \
-                ThreadState.FAILED if t.tid in st.failed else ThreadState.UNPINNED
-            threads.append(ThreadView(role=t.role, cpus=a.cpus if a else t.affinity, state=state,
-                                      vcpu=t.vcpu))
-        vms.append(VMView(name=st.vm.display_name, uuid=st.vm.uuid or "", policy=st.policy.name if st.policy else "",
-                          status=st.status, threads=tuple(threads)))
+        if st.dirty or st.view is None:
+            st.view, st.dirty = vm_view(st), False
+        vms.append(st.view[0])
+        pinned_vcpus += st.view[1]
     pools = tuple(PoolView(name=p.name, cpus=p.cpus & rec.online, allocated=rec.ledger.held(p.name),
                            exclusive=p.exclusive, waiting=_waiting(rec, p.name))
                   for p in rec.config.pools.values())
     s = rec.stats
     return Snapshot(
         version=__version__, taken_at=time.time(), online=rec.online, vms=tuple(vms), pools=pools,
-        vcpu_seconds=MappingProxyType(dict(s.vcpu_seconds)),
+        pinned_vcpus=tuple(pinned_vcpus),
         pin_operations=MappingProxyType(dict(s.pins)),
         drift_corrections=s.drift_corrections,
         events=MappingProxyType(dict(s.events)),

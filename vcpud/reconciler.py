@@ -13,14 +13,15 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Hashable, Iterable
 
-from .activity import Stats, sample_vcpu_time
+from .activity import Stats
 from .cpuset import CpuSet
-from .discovery import VM, ExeCheck, Scan, classify_new_thread, scan, verify_executable
+from .discovery import VM, ExeCheck, Scan, Thread, classify_new_thread, scan, verify_executable
 from .holdings import Ledger, StateStore
 from .pinner import Pinner
 from .pinning import AffinityOps, Direct, Outcome, PinResult, Router
-from .vmstate import VMState, journal_fields, say_once
-from .placement import Assignment, PoolDecision, arrival_order, assign, plan_vm
+from .recheck import Recheck, recheck_all
+from .vmstate import VMState, same_rules, say_exit, say_plan
+from .placement import PoolDecision, arrival_order, plan_vm
 from .pools import Allocation
 from .procfs import Procfs, Vanished
 
@@ -63,27 +64,25 @@ class Reconciler:
         self.online = online
         self.topology = topology
         self.procfs = procfs
-        self.actuator = actuator
         self.ledger = Ledger(store, dry_run)
         self.clock = clock
         self.stats = stats if stats is not None else Stats()
         self.pinner = Pinner(router if router is not None else Direct(actuator), self.stats, dry_run)
-        self.dry_run = dry_run
         self.exe_check = exe_check  # None: the live host's files
         self.vms: dict[int, VMState] = {}
         self.not_vm: set[int] = set()  # tgids known not to be VMs (until they exec or exit)
         self.due: dict[int, float] = {}  # pid -> when to look at that process again
         # tid -> (tgid, when, the FORK's timestamp): new threads awaiting a name
         self.unnamed: dict[int, tuple[int, float, int]] = {}
-        # -daemonize qemu processes with no guest yet (Scan.starting) -> follow-ups done: not VMs
-        # (no "found VM", no pins), looked at again until they show one or exit
+        # -daemonize qemus with no guest yet -> follow-ups done: not VMs, looked at until they are
         self.starting: dict[int, int] = {}
         self.rescan_wanted = False  # events were lost: the caller should rescan soon
+        # The caller hears every FORK/COMM/EXIT of known VMs (the proc connector): rescans then
+        # re-check known VMs by task list and affinities only, until events are lost.
+        self.trust_events = self.events_lost = False
+        # the next rescan reads every process whole (executables changed); re-plans every VM
+        self._reread = self._inputs_changed = False
         self.changed = True  # what readers see moved since the caller last published
-
-    def _pin(self, st: VMState, a: Assignment, event_ns: int = 0) -> PinResult:
-        self.changed = True
-        return self.pinner.pin(st, a, event_ns)
 
     @property
     def allocations(self) -> dict[Hashable, Allocation]:
@@ -119,10 +118,8 @@ class Reconciler:
         if pid == tgid:
             self.not_vm.discard(tgid)
             self.starting.pop(tgid, None)
-            st = self.vms.get(tgid)
-            if st is not None:
-                log.info("VM %s (pid %d) exited", st.vm.display_name, st.vm.pid,
-                         extra=journal_fields(st.vm, st.policy.name if st.policy else None))
+            if tgid in self.vms:
+                say_exit(self.vms[tgid])
             self.forget(tgid)
         elif tgid in self.vms:
             self.vms[tgid].forget_thread(pid)
@@ -130,10 +127,8 @@ class Reconciler:
 
     def on_kvm_uevent(self, event: str, pid: int) -> None:
         """misc/kvm `change` with EVENT=create|destroy; PID is the thread that opened /dev/kvm."""
-        if event == "destroy":
-            if pid in self.vms and not self.procfs.exists(pid):
-                self.forget(pid)
-            return
+        if event == "destroy" and pid in self.vms and not self.procfs.exists(pid):
+            self.forget(pid)
         if event != "create":
             return
         try:
@@ -147,6 +142,13 @@ class Reconciler:
 
     def on_events_lost(self) -> None:
         self.rescan_wanted = True
+        self.events_lost = True  # renames may have been missed: the rescan re-reads names too
+
+    def watched(self) -> frozenset[int]:
+        """The processes whose fork, comm and exit events matter: the VMs, the -daemonize qemus
+        awaiting their guest, and those due for a look (a kvm uevent's, a follow-up's). Every
+        exec matters, and so does a thread named as a vCPU or IO thread anywhere (procfilter)."""
+        return frozenset(self.vms.keys() | self.starting.keys() | self.due.keys())
 
     # --- timers ---------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -171,65 +173,82 @@ class Reconciler:
 
     # --- whole passes ---------------------------------------------------------------------
     def rescan(self, reason: ScanReason = ScanReason.PERIODIC, pids: Iterable[int] | None = None) -> RescanResult:
-        """Scan /proc (or only ``pids``): new VMs, lost events, and drift; pin what is off."""
-        t0 = time.perf_counter()
+        """Scan /proc (or only ``pids``): new VMs, lost events, and drift; pin what is off.
+
+        Known VMs get a second look (:mod:`vcpud.recheck`: task list and affinities) unless this
+        is the first look, ``pids`` are named or the executables changed; only new processes and
+        VMs that look different are read whole."""
         log.debug("full scan (%s)", reason.value)
         self.stats.rescans += 1
         self.rescan_wanted = False
-        pids = None if pids is None else list(pids)
-        # A periodic rescan refreshes unchanged VMs cheaply; otherwise every VM is read afresh
-        # (after a reload its policy may want other threads).
-        known = {pid: st.vm for pid, st in self.vms.items()} if reason is ScanReason.PERIODIC else None
-        found = scan(self.procfs, self.config.executables, pids, known=known, exe_check=self.exe_check)
+        careful, self.events_lost = self.events_lost or not self.trust_events, False
+        kept: dict[int, Recheck] = {}
+        todo: list[int] | None = None if pids is None else list(pids)
+        if todo is None and reason is not ScanReason.STARTUP and not self._reread:
+            kept = recheck_all(self.procfs, self.vms, careful, self.stats)
+            listed = self.procfs.pids()
+            self.not_vm &= set(listed)  # exits lost to a connector overrun leave stale entries
+            # Without trusted events a PID known not to be a VM may have been reused unseen.
+            skip = self.not_vm if not careful else set()
+            todo = [p for p in listed if p not in kept and p not in skip]
+        found, pins = self._pass(todo, kept, reason, whole=pids is None)
+        self._reread = self._inputs_changed = False
+        return RescanResult(scan=found, pins=tuple(pins))
+
+    def look_at(self, pids: list[int]) -> None:
+        """Read these processes afresh (a VM that is starting, one that must be re-placed)."""
+        self._pass(pids, {}, None, whole=False)
+
+    def _pass(self, todo: list[int] | None, kept: dict[int, Recheck], reason: ScanReason | None,
+              whole: bool) -> tuple[Scan, list[PinResult]]:
+        """Read ``todo`` (None: all of /proc) whole, settle the ``kept`` VMs, place and pin. ``whole``:
+        every process was looked at (VMs neither read nor kept are gone)."""
+        t0 = time.perf_counter()
+        found = scan(self.procfs, self.config.executables, todo, exe_check=self.exe_check)
         self.stats.vanished += found.vanished
-        alive = {vm.pid for vm in found.vms}
-        if pids is None:
-            # Exits lost to a connector overrun would leave stale entries behind.
-            self.not_vm &= set(self.procfs.pids())
-        for pid in list(self.vms) if pids is None else pids:
+        self.not_vm |= set(found.not_vms)
+        read = {vm.pid for vm in found.vms}
+        alive = read | set(kept)
+        for pid in list(self.vms) if whole else list(todo or ()):
             if pid not in alive:
                 self.forget(pid)
-        if pids is None:
+        if whole:
             self.starting = {p: n for p, n in self.starting.items() if p in found.starting}
         self._await_guest(found.starting)
         if reason is ScanReason.STARTUP:
             self.ledger.start(self.config, arrival_order(found.vms), self.online, self.topology)
-        others = [st.vm for pid, st in self.vms.items() if pid not in alive]
+        others = [st.vm for pid, st in self.vms.items() if pid not in read]
         # At startup the store is rewritten whole: it may have been corrupt, or name dead VMs.
         decisions = self.ledger.place(self.config, self.topology, others + list(found.vms),
                                       save=reason is ScanReason.STARTUP and bool(self.allocations))
         pins: list[PinResult] = []
         for vm in arrival_order(found.vms):
             pins += self._apply_vm(vm, decisions.get(vm.key, PoolDecision()))
+        replan = reason in (ScanReason.RELOAD, ScanReason.TOPOLOGY)
+        for pid, r in kept.items():
+            pins += self._settle(self.vms[pid], r, decisions.get(r.vm.key, PoolDecision()), replan)
         self._follow_decisions(decisions, alive)
-        sample_vcpu_time(self.stats, self.procfs,
-                         ((st.vm.pid, a) for st in self.vms.values() for a in st.wanted.values()))
         self.stats.reconcile_hist.observe(time.perf_counter() - t0)
-        self.changed = True  # CPU times, counters and the reconcile histogram moved
-        return RescanResult(scan=found, pins=tuple(pins))
+        self.changed = True  # counters and the reconcile histogram moved
+        return found, pins
 
-    def look_at(self, pids: list[int]) -> None:
-        """Read these processes afresh (a VM that is starting, one that must be re-placed)."""
-        t0 = time.perf_counter()
-        found = scan(self.procfs, self.config.executables, pids, exe_check=self.exe_check)
-        self.stats.vanished += found.vanished
-        fresh = {vm.pid for vm in found.vms}
-        for pid in pids:
-            if pid not in fresh:
-                self.forget(pid)
-        self._await_guest(found.starting)
-        others = [st.vm for pid, st in self.vms.items() if pid not in fresh]
-        decisions = self.ledger.place(self.config, self.topology, others + list(found.vms))
-        for vm in arrival_order(found.vms):
-            self._apply_vm(vm, decisions.get(vm.key, PoolDecision()))
-        self._follow_decisions(decisions, fresh)
-        self.stats.reconcile_hist.observe(time.perf_counter() - t0)
-        self.changed = True
+    def _settle(self, st: VMState, r: Recheck, decision: PoolDecision, replan: bool) -> list[PinResult]:
+        """Bring a re-checked VM in line: re-plan it if its policy, pool CPUs or inputs changed;
+        otherwise place its new threads, put back what was moved and retry what failed."""
+        for tid in r.gone:
+            st.forget_thread(tid)
+        if r.vm is not st.vm:
+            st.vm, st.dirty = r.vm, True
+        policy = self.config.select(st.vm) if replan else st.policy
+        if decision != st.decision or not same_rules(policy, st.policy) or (replan and self._inputs_changed):
+            return self._apply_vm(st.vm, decision)
+        for t in r.new:
+            self._place_thread(st, t)
+        return self.pinner.put_back(st, r.drifted)
 
     def _await_guest(self, pids: Iterable[int]) -> None:
-        """Look again at -daemonize processes that show no guest yet. The daemon that will run
-        it is found on its kvm "create" uevent or a vCPU's COMM event; this covers the moment
-        between KVM_CREATE_VM's uevent and its fd, and lost events. The parents exit meanwhile."""
+        """Look again at -daemonize processes with no guest yet (found by their kvm uevent or a
+        vCPU's COMM: this covers KVM_CREATE_VM's uevent before its fd, and lost events)."""
         for pid in pids:
             n = self.starting.get(pid, 0)
             if n < len(FOLLOWUP_DELAYS):
@@ -237,19 +256,21 @@ class Reconciler:
             self.starting[pid] = n + 1
 
     def _follow_decisions(self, decisions: dict[Hashable, PoolDecision], done: set[int]) -> None:
-        """Re-pin the VMs not just read whose pool decision changed (where a waiting VM may run
-        depends on what the others hold)."""
+        """Re-pin the VMs not just read whose pool decision changed (what others hold moved)."""
         for pid, st in list(self.vms.items()):
             new = decisions.get(st.vm.key)
             if pid not in done and new is not None and new != st.decision:
                 self._apply_vm(st.vm, new)
 
     def reload(self, config: "Config", online: CpuSet, topology: "Topology | None") -> tuple[int, int]:
-        """Take a new (valid) policy and re-pin by it: (VMs re-pinned, threads changed)."""
+        """Take a new (valid) policy and re-pin by it: (VMs re-pinned, threads changed). Only VMs
+        whose policy, pool CPUs or plan inputs changed are planned again; all are re-checked."""
         old_pins = {(pid, tid): a.cpus for pid, st in self.vms.items() for tid, a in st.wanted.items()}
-        self.config = config
-        self.online = online
-        self.topology = topology
+        old = self.config
+        self._reread = config.executables != old.executables
+        self._inputs_changed = (config.pools, online, topology and topology.isolated) != \
+            (old.pools, self.online, self.topology and self.topology.isolated)
+        self.config, self.online, self.topology = config, online, topology
         self.not_vm.clear()  # the executables may have changed
         before = self.stats.pins[Outcome.PINNED]
         self.rescan(ScanReason.RELOAD)
@@ -262,6 +283,7 @@ class Reconciler:
         if online == self.online:
             return False
         log.warning("online CPUs changed from %s to %s: re-placing VMs", self.online, online)
+        self._inputs_changed = True
         self.online = online
         self.topology = topology
         self.rescan(ScanReason.TOPOLOGY)
@@ -297,28 +319,12 @@ class Reconciler:
         if prev is not None and prev.vm.key != vm.key:
             prev = None  # the PID was reused by another process
         policy = self.config.select(vm)
-        st = VMState(vm=vm, policy=policy, first_seen=prev.first_seen if prev else self.clock(),
-                     followup=prev.followup if prev else 0, decision=decision,
-                     said=prev.said if prev else set(), blocked=prev.blocked if prev else {})
+        st = VMState.after(prev, vm, policy, decision, self.clock())
         if prev is None:
             self.starting.pop(vm.pid, None)
-            log.info("found VM %s (pid %d), policy %s", vm.display_name, vm.pid, policy.name if policy else "none",
-                     extra=journal_fields(vm, policy.name if policy else None))
-        vp = plan_vm(vm, policy, self.online, self.config, decision, self.isolated)
-        st.plan = vp
-        if vp.reason and (prev is None or prev.plan is None or prev.plan.status != vp.status):
-            log.warning("VM %s %s: %s", vm.display_name, vp.status, vp.reason, extra=journal_fields(vm, vp.policy))
-        for problem in vp.problems:
-            say_once(st, 0, problem, "VM %s: %s", vm.display_name, problem, extra=journal_fields(vm, vp.policy))
-        results = []
-        for a in vp.assignments:
-            before = prev.wanted.get(a.tid) if prev else None
-            r = self._pin(st, a)
-            if r.outcome is Outcome.PINNED and before is not None and before.cpus == a.cpus:
-                self.stats.drift_corrections += 1
-                log.warning("VM %s tid %d (%s) had been moved to %s; put back on %s", vm.display_name, a.tid,
-                            a.label, r.before, a.cpus, extra=journal_fields(vm, vp.policy, a))
-            results.append(r)
+        st.plan = plan_vm(vm, policy, self.online, self.config, decision, self.isolated)
+        say_plan(st, prev)
+        results = self.pinner.pin_plan(st, prev)
         self.vms[vm.pid] = st
         self.changed = True
         if policy is not None and not st.complete and st.followup < len(FOLLOWUP_DELAYS):
@@ -339,18 +345,10 @@ class Reconciler:
             self.due[st.vm.pid] = min(self.due.get(st.vm.pid, float("inf")), self.clock())
             return
         st.vm = replace(st.vm, threads=tuple(x for x in st.vm.threads if x.tid != tid) + (t,))
+        self._place_thread(st, t, event_ns)
+
+    def _place_thread(self, st: VMState, t: Thread, event_ns: int = 0) -> None:
+        """Pin one thread of a known VM (already in its model) by the VM's plan."""
         self.changed = True
-        if st.policy is None:
-            return
-        if st.outgrows_allocation(t):
-            self.due[st.vm.pid] = self.clock()
-            return
-        rule = assign(t, st.vm, st.policy, self.config, st.decision, self.isolated)
-        if rule is None:
-            st.wanted.pop(tid, None)
-            return
-        usable = rule[1] & self.online
-        if not usable:
-            return
-        a = Assignment(pid=st.vm.pid, tid=tid, label=t.label, role=t.role, cpus=usable, rule=rule[0])
-        self._pin(st, a, event_ns)
+        if not self.pinner.place(st, t, self.config, self.online, self.isolated, event_ns):
+            self.due[st.vm.pid] = self.clock()  # a vCPU past the VM's pool CPUs: re-plan it

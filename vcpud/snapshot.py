@@ -2,49 +2,21 @@
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, TypeVar
 
 from .cpuset import CpuSet
 from .discovery import Role
+from .histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram, HistogramView
 from .pinning import Outcome
 from .vocab import EventSource, ThreadState, VMStatus
 
+__all__ = ["DURATION_BUCKETS", "LATENCY_BUCKETS", "Histogram", "HistogramView", "PoolView", "Snapshot",
+           "ThreadView", "VMView"]
+
 _K = TypeVar("_K")
 _V = TypeVar("_V")
-
-# Pin latency is microseconds to milliseconds; a reconcile is milliseconds to seconds.
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
-
-
-@dataclass(frozen=True, slots=True)
-class HistogramView:
-    buckets: tuple[float, ...]   # upper bounds, ascending, without +Inf
-    counts: tuple[int, ...]      # observations per bucket (not cumulative); one more for +Inf
-    sum: float = 0.0
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-
-class Histogram:
-    """Mutable accumulator owned by the event loop; view() is what snapshots carry."""
-
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-
-    def view(self) -> HistogramView:
-        return HistogramView(self.buckets, tuple(self.counts), self.sum)
 
 
 def _coerce(view: object, name: str, enum_type: type) -> None:
@@ -98,8 +70,10 @@ class Snapshot:
     online: CpuSet = CpuSet()
     vms: tuple[VMView, ...] = ()
     pools: tuple[PoolView, ...] = ()
-    # CPU time of vCPU threads pinned to exactly that CPU, accumulated (monotonic) per CPU
+    # CPU time of vCPU threads pinned to exactly that CPU, accumulated (monotonic) per CPU: filled
+    # in at scrape time from pinned_vcpus (activity.VcpuClock)
     vcpu_seconds: Mapping[int, float] = field(default_factory=lambda: _frozen({}))
+    pinned_vcpus: tuple[tuple[int, int, int], ...] = ()  # (pid, tid, cpu) of vCPUs pinned to one CPU
     pin_operations: Mapping[Outcome, int] = field(default_factory=lambda: _frozen({}))
     drift_corrections: int = 0
     events: Mapping[EventSource, int] = field(default_factory=lambda: _frozen({}))

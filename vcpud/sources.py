@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 from .vocab import EventSource
 
@@ -42,6 +42,7 @@ class Sources:
         self.udev_source = ""
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
+        self._watched: frozenset[int] | None = None  # what the connector's filter passes; None: all
 
     def open(self, on_stop: SignalHandler, on_hup: SignalHandler) -> None:
         self._wake_r, self._wake_w = socket.socketpair()
@@ -67,6 +68,26 @@ class Sources:
             return
         self.sel.register(self.connector.fileno(), selectors.EVENT_READ, EventSource.PROC_CONNECTOR)
         log.info("listening to the netlink proc connector")
+
+    def watch(self, tgids: Collection[int]) -> None:
+        """The processes whose fork/comm/exit events matter now; the connector's kernel filter is
+        rebuilt only when the set changed (a frozenset compare per loop turn).
+
+        The race this leaves, by design: qemu execs -> its EXEC passes -> the reconciler finds the
+        VM in that loop turn -> the filter takes its tgid before the loop sleeps again. Threads it
+        forked meanwhile had their FORK (and an early EXIT) dropped by the kernel. Their names
+        still come through ("CPU "/"IO " COMM events pass from any process), and the reconciler
+        reads a new VM again on its follow-up timers (FOLLOWUP_DELAYS) and on the kvm uevent
+        until every vCPU is seen, which picks up unnamed threads too; the periodic rescan
+        catches the rest. Dropped EXITs of processes in the reconciler's not-a-VM set leave
+        stale entries there until the next full rescan prunes them.
+        """
+        if self.connector is None:
+            return
+        now = frozenset(tgids)
+        if now != self._watched:
+            self._watched = now
+            self.connector.watch(now)
 
     def _open_udev(self) -> None:
         try:

@@ -8,11 +8,9 @@ regular file (not a symlink) of bounded size, in a directory only its owner can 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable, Mapping, TypeVar
@@ -62,6 +60,8 @@ class Saved:
 
 
 def encode(saved: Mapping[Hashable, Saved]) -> str:
+    import json  # here: `apply --dry-run` and `ps` with no state file never need it
+
     vms = []
     for s in sorted(saved.values(), key=lambda s: (s.starttime, s.pid)):
         a = s.allocation
@@ -148,6 +148,8 @@ def decode(data: str | bytes) -> dict[tuple[int, int], Saved]:
     (never returns half, never raises anything else)."""
     if len(data) > bounded.STATE_LIMIT:
         raise StateError(f"corrupt state file: larger than {bounded.STATE_LIMIT} bytes")
+    import json
+
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
         doc = json.loads(text, object_pairs_hook=_no_duplicate_keys)
@@ -247,6 +249,8 @@ def save(path: Path, saved: Mapping[Hashable, Saved]) -> None:
 
     Raises OSError; UnsafeStateFile (an OSError) when the directory is writable by others.
     """
+    import tempfile  # here: it imports shutil, which imports bz2 and lzma
+
     data = encode(saved).encode()
     _make_parents(path.parent)
     check_directory(path)

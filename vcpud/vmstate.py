@@ -1,5 +1,5 @@
 """What vcpud knows about one VM while it runs (mutable, owned by the reconciler), and the
-journal fields and say-once logging that go with it."""
+journal fields, say-once and one-line-per-VM logging that go with it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Hashable
 
 from .discovery import VM, Role, Thread
-from .pinning import PinResult
+from .cpuset import CpuSet
+from .pinning import Outcome, PinResult
 from .placement import Assignment, PoolDecision, VMPlan
 from .vocab import VMStatus
 
@@ -36,6 +37,19 @@ class VMState:
     # tid -> (what the failure depended on, the failure): a thread its cpuset cgroup keeps off its
     # CPUs is tried again only when that changes (the cgroup's CPUs, the wanted CPUs, the thread).
     blocked: dict[int, tuple[Hashable, PinResult]] = field(default_factory=dict)
+    # What the publisher made of it, until something changes (dirty): a snapshot of 100 VMs
+    # that did not move costs nothing to publish again.
+    view: Any = None
+    dirty: bool = True
+
+    @classmethod
+    def after(cls, prev: "VMState | None", vm: VM, policy: "Policy | None", decision: PoolDecision,
+              now: float) -> "VMState":
+        """The state of a VM read afresh: what was said, tried and followed up carries over."""
+        if prev is None:
+            return cls(vm=vm, policy=policy, first_seen=now, decision=decision)
+        return cls(vm=vm, policy=policy, first_seen=prev.first_seen, followup=prev.followup, decision=decision,
+                   said=prev.said, blocked=prev.blocked)
 
     def outgrows_allocation(self, t: Thread) -> bool:
         """A vCPU hot-plugged beyond the pooled CPUs the VM holds: it needs a bigger allocation."""
@@ -46,6 +60,7 @@ class VMState:
     def forget_thread(self, tid: int) -> None:
         """A thread exited: drop it, from the VM's threads too (else they pile up until the next
         rescan, and every snapshot and every new thread's pin walks them)."""
+        self.dirty = True
         for d in (self.wanted, self.failed, self.results, self.blocked):
             d.pop(tid, None)
         if any(t.tid == tid for t in self.vm.threads):
@@ -87,3 +102,74 @@ def say_once(st: VMState, tid: int, reason: str, msg: str, *args: object, extra:
     level = logging.DEBUG if (tid, reason) in st.said else logging.WARNING
     st.said.add((tid, reason))
     log.log(level, msg, *args, extra=extra)
+
+
+def same_rules(a: "Policy | None", b: "Policy | None") -> bool:
+    """Whether two policies pin alike (where in the file they were written does not matter)."""
+    if a is None or b is None:
+        return a is b
+    return a is b or replace(a, pos=b.pos) == b
+
+
+class Bulk:
+    """The pins of one pass over one VM, said in one line (and one for the threads put back)
+    rather than a line per thread: a pass over 2,000 threads must not cost 4,000 log records."""
+
+    def __init__(self, st: VMState) -> None:
+        self.st = st
+        self.results: list[PinResult] = []
+        self._pinned: list[PinResult] = []
+        self._back: list[tuple[Assignment, CpuSet | None]] = []
+
+    def add(self, r: PinResult) -> None:
+        self.results.append(r)
+        if r.outcome is Outcome.PINNED:
+            self._pinned.append(r)
+
+    def moved(self, a: Assignment, now: CpuSet | None, r: PinResult) -> None:
+        """``r`` pinned a thread that had been pinned to ``a`` already and was found on ``now``."""
+        if r.outcome is not Outcome.PINNED:
+            self.add(r)
+            return
+        self.results.append(r)
+        self._back.append((a, now))
+
+    def say(self) -> int:
+        """Log what this pass did; returns the threads put back (drift corrections)."""
+        vm, policy = self.st.vm, self.st.policy.name if self.st.policy else None
+        if self._pinned:
+            via = {r.via for r in self._pinned} - {"sched_setaffinity", ""}
+            log.info("pinned VM %s %s%s", vm.display_name,
+                     "; ".join(f"tid {r.assignment.tid} ({r.assignment.label}) to {r.assignment.cpus} by "
+                               f"{r.assignment.rule}" for r in self._pinned),
+                     f" via {', '.join(sorted(via))}" if via else "",
+                     extra=journal_fields(vm, policy, self._pinned[0].assignment if len(self._pinned) == 1 else None))
+        if len(self._back) == 1:
+            a, now = self._back[0]
+            log.warning("VM %s tid %d (%s) had been moved to %s; put back on %s", vm.display_name, a.tid, a.label,
+                        now, a.cpus, extra=journal_fields(vm, policy, a))
+        elif self._back:
+            log.warning("VM %s: %d threads had been moved; put back: %s", vm.display_name, len(self._back),
+                        "; ".join(f"tid {a.tid} ({a.label}) {now} -> {a.cpus}" for a, now in self._back),
+                        extra=journal_fields(vm, policy))
+        return len(self._back)
+
+
+def say_exit(st: VMState) -> None:
+    log.info("VM %s (pid %d) exited", st.vm.display_name, st.vm.pid,
+             extra=journal_fields(st.vm, st.policy.name if st.policy else None))
+
+
+def say_plan(st: VMState, prev: VMState | None) -> None:
+    """Log a VM found, a plan whose status has a reason that changed, and its problems (once)."""
+    vm, vp = st.vm, st.plan
+    policy = st.policy.name if st.policy else None
+    if prev is None:
+        log.info("found VM %s (pid %d), policy %s", vm.display_name, vm.pid, policy or "none",
+                 extra=journal_fields(vm, policy))
+    if vp is None:
+        return
+    if vp.reason and (prev is None or prev.plan is None or prev.plan.status != vp.status):
+        log.warning("VM %s %s: %s", vm.display_name, vp.status, vp.reason, extra=journal_fields(vm, vp.policy))
+    for problem in vp.problems:
+        say_once(st, 0, problem, "VM %s: %s", vm.display_name, problem, extra=journal_fields(vm, vp.policy))

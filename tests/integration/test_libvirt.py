@@ -218,3 +218,27 @@ def test_libvirtd_restart_reconnects(tmp_path, vcpud, libvirtd):
         virsh("vcpupin", dom.name, "1", "0", "--live")
         wait_on_policy(pid, timeout=3.0)
         assert virsh_pins(dom.name) == {"vcpu0": "0", "vcpu1": "1", "emulator": "0", "iothread1": "1"}
+
+
+def test_one_shot_commands_pin_through_libvirt(tmp_path, libvirtd):
+    """`apply`, `plan` and `ps` import libvirt-python only for a libvirt domain, and then use it."""
+    import json
+
+    from tests.conftest import run_vcpud
+
+    cfg = tmp_path / "vcpud.yaml"
+    cfg.write_text(POLICY + f"state_file: {tmp_path / 'state.json'}\n")
+    with domain(tmp_path, "once", cputune=CONTRADICTING) as dom:
+        dom.start()
+        dry = run_vcpud("apply", "--dry-run", "--config", str(cfg))
+        mine = [line for line in dry.stdout.splitlines() if line.startswith(dom.name)]
+        assert len(mine) == 1 and "(via libvirt)" in mine[0], dry.stdout
+        plan = run_vcpud("plan", "--config", str(cfg), check=True)
+        assert "pinned via libvirt" in plan.stdout, plan.stdout
+        real = run_vcpud("apply", "--config", str(cfg))
+        assert real.returncode == 0, real.stdout + real.stderr
+        assert virsh_pins(dom.name) == {"vcpu0": "0", "vcpu1": "1", "emulator": "0", "iothread1": "1"}
+        wait_on_policy(dom.pid())
+        out = json.loads(run_vcpud("ps", "--json", "--config", str(cfg), check=True).stdout)
+        (vm,) = [v for v in out["vms"] if v["pid"] == dom.pid()]
+        assert vm["status"] == "pinned" and {t["via"] for t in vm["threads"] if t["want"]} == {"libvirt"}, vm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,36 @@ def test_hostile_inputs_are_bounded_and_refused(tmp_path):
     (d / "cpuset.effective_cpus").write_text("garbage\n")
     c = Cgroups(proc, root).confinement(2, 2)
     assert c is not None and c.effective is None
+
+
+def test_once_reads_each_cgroup_once_and_answers_alike(tmp_path, monkeypatch):
+    proc, root = tmp_path / "proc", tmp_path / "cg"
+    cgdir(root, "/qemu.slice/100.scope", "1", [200, 201, 202])
+    cgdir(root, "/machine/qemu-1-web.libvirt-qemu/vcpu0", "1", [101])
+    cgdir(root, "/", "0-1", [1, 2, 3])
+    for tid in (200, 201, 202):
+        thread_in(proc, 200, tid, "/qemu.slice/100.scope")
+    thread_in(proc, 100, 101, "/machine/qemu-1-web.libvirt-qemu/vcpu0")
+    thread_in(proc, 3, 3, "/")
+    read: list[str] = []
+    real_read = Cgroups._read
+
+    def counting(self, path, *args):
+        read.append(os.path.relpath(path, tmp_path))
+        return real_read(self, path, *args)
+
+    monkeypatch.setattr(Cgroups, "_read", counting)
+    threads = [(200, 200), (200, 201), (200, 202), (100, 101), (3, 3), (200, 201)]
+    fresh = [Cgroups(proc, root).confinement(pid, tid) for pid, tid in threads]
+    assert "cg/cpuset/tasks" not in read  # the root cgroup lists every thread and is no thread's own
+    assert read.count("cg/cpuset/qemu.slice/100.scope/tasks") == 4
+    read.clear()
+    once = Cgroups(proc, root, once=True)
+    assert [once.confinement(pid, tid) for pid, tid in threads] == fresh
+    assert fresh[3] is not None and fresh[3].per_thread and fresh[4] is not None and not fresh[4].per_thread
+    assert read.count("cg/cpuset/qemu.slice/100.scope/tasks") == 1
+    assert read.count("cg/cpuset/qemu.slice/100.scope/cpuset.effective_cpus") == 1
+    assert sum(r.endswith("/cgroup") for r in read) == len(threads)  # which cgroup: asked every time
 
 
 class FakeAffinity:

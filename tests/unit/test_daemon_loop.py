@@ -151,3 +151,53 @@ def test_a_reload_that_raises_anything_is_a_failed_reload_not_a_dead_daemon(daem
     reload_and_wait(d)
     assert d.stats.reloads_failed == 1 and not d.stop_requested
     assert "internal error" in notifier.messages[-1]["STATUS"]
+
+
+class WatchRecorder:
+    """Stands in for the ProcConnector (never registered with the selector): records watch()."""
+
+    def __init__(self) -> None:
+        self.calls: list[frozenset[int]] = []
+
+    def watch(self, tgids) -> None:
+        self.calls.append(frozenset(tgids))
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_connector_watches_the_vms_and_processes_due_and_only_on_a_change(daemon):
+    d, tree, act, clock, notifier, cfg = daemon
+    rec = d.reconciler
+    d.sources.connector = conn = WatchRecorder()
+
+    def turn() -> None:
+        clock.advance(10)  # a timer is due: the turn does not sleep (the clock is not the select's)
+        d.turn()
+
+    vms = set(rec.vms)
+    assert tree.pid("named") in vms and tree.pid("shell") not in vms
+    due = set(rec.due)
+    turn()
+    assert conn.calls[0] == frozenset(vms | due)  # before the loop first sleeps
+    while rec.due:  # the follow-ups of the VMs found at startup end
+        turn()
+    turn()
+    assert conn.calls[-1] == frozenset(vms)
+    calls = len(conn.calls)
+    turn()
+    turn()
+    assert len(conn.calls) == calls, "an unchanged set rebuilds nothing"
+    new = 31000
+    tree.clone_process(tree.pid("named"), new)
+    rec.on_exec(new)  # the exec of a new VM passed the filter: the next turn watches it
+    turn()
+    assert new in conn.calls[-1] and vms <= conn.calls[-1]
+    rec.on_kvm_uevent("create", tree.pid("shell"))  # due for a look: watched until looked at
+    assert tree.pid("shell") in rec.watched()
+    tree.remove_process(new)
+    rec.on_exit(new, new)
+    while rec.due:
+        turn()
+    turn()
+    assert conn.calls[-1] == frozenset(vms)

@@ -12,6 +12,7 @@ import pytest
 from vcpud import libvirt as lv
 from vcpud.cpuset import CpuSet
 from vcpud.discovery import VM, Role, Smp, Thread
+from vcpud.libvirtrun import OnDemand, started
 from vcpud.pinning import Chain
 
 
@@ -275,3 +276,64 @@ def test_outside_a_loop_pins_are_not_deferred(tmp_path: Path):
     owner.conn = type("Conn", (), {"lookupByName": lambda self, n: (_ for _ in ()).throw(lv.libvirt.libvirtError("x")),
                                    "isAlive": lambda self: 1})()
     assert owner.ops_for(vm()) is None  # `vcpud apply`: asks libvirt (and waits), never defers
+
+
+def test_on_demand_owner_reads_pid_files_and_asks_libvirt_python_only_for_libvirts_vms(tmp_path: Path):
+    owner = OnDemand(run_dir=tmp_path, uri="qemu+unix:///system?socket=/nonexistent/sock")
+    assert not owner.owns(vm(name=None)) and not owner.owns(vm())  # no pid file
+    (tmp_path / "web1.pid").write_text("999\n")
+    assert not owner.owns(vm(pid=4243))  # another process's pid file
+    assert owner.ops_for(vm(pid=4243)) is None
+    assert owner._available is None and owner._owner is None  # libvirt-python never asked for
+    (tmp_path / "web1.pid").write_text("4244\n")
+    assert owner.owns(vm(pid=4244)) == lv.available()
+    assert owner.ops_for(vm(pid=4244)) is None  # libvirtd unreachable (or libvirt-python missing)
+    assert (owner._owner is not None) == lv.available()
+    (tmp_path / "web1.pid").unlink()
+    assert owner.owns(vm(pid=4244)) == lv.available()  # decided once per VM for the command
+
+
+def test_on_demand_owner_without_libvirt_python(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(lv, "libvirt", None)
+    owner = OnDemand(run_dir=tmp_path)
+    (tmp_path / "web1.pid").write_text("4242\n")
+    assert not owner.owns(vm()) and owner.ops_for(vm()) is None and owner._owner is None
+    assert not owner.owns(vm(pid=4243))
+
+
+def test_libvirt_owner_and_on_demand_agree_on_whose_vm_it_is(tmp_path: Path):
+    (tmp_path / "web1.pid").write_text("4242")
+    (tmp_path / "db.pid").write_text("12x\n")
+    for v in (vm(), vm(pid=4243), vm(name="db"), vm(name="a/b"), vm(name=None)):
+        assert lv.LibvirtOwner(run_dir=tmp_path).is_libvirts(v) == started(v, tmp_path) == (v.pid == 4242 and
+                                                                                             v.name == "web1")
+
+
+def test_the_daemon_imports_libvirt_python_only_once_libvirtd_listens(tmp_path):
+    """libvirt-python costs the daemon ~14 MiB: not imported while nothing listens on libvirt's socket."""
+    import subprocess
+    import sys
+
+    sock = tmp_path / "libvirt-sock"
+    code = f"""
+import socket, sys
+from pathlib import Path
+from vcpud.owners import Owners
+from vcpud.pinning import OsAffinity
+o = Owners(Path("/proc"), OsAffinity(), sockets=(Path({str(sock)!r}),))
+assert not o.adopt() and o.libvirt is None
+assert "libvirt" not in sys.modules and "vcpud.libvirt" not in sys.modules, "imported with nothing listening"
+s = socket.socket(socket.AF_UNIX)
+s.bind({str(sock)!r})
+assert not o.adopt(), "a socket nobody listens on is not libvirtd"
+s.listen()
+made = o.adopt()
+print("made" if made else "not-made", "libvirt" in sys.modules)
+assert not o.adopt()  # once
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    from vcpud import libvirt as lv
+
+    # With libvirt-python installed the owner is made (and libvirt imported) once libvirtd listens.
+    assert out.stdout.split() == (["made", "True"] if lv.available() else ["not-made", "False"]), out.stdout

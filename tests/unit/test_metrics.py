@@ -501,11 +501,14 @@ def test_setup_script_installs_promtool():
         skip_or_fail("promtool not installed: run contrib/setup-dev.sh")
 
 
-def test_published_snapshot_is_rendered_before_any_scrape():
+def test_published_snapshot_is_rendered_before_the_next_scrape():
     box = {"snap": Snapshot(version="a")}
     server = MetricsServer(lambda: box["snap"])
     server.start("127.0.0.1:0")
     try:
+        host, port = server.address
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
+            assert r.read() == exposition(box["snap"])  # someone scrapes: snapshots are rendered ahead
         new = Snapshot(version="b", online=CpuSet.parse("0-3"))
         box["snap"] = new
         server.published()
@@ -513,8 +516,7 @@ def test_published_snapshot_is_rendered_before_any_scrape():
         while (server._cache is None or server._cache[0] is not new) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert server._cache is not None and server._cache[0] is new, "not pre-rendered"
-        assert server._cache[1] == exposition(new)
-        host, port = server.address
+        assert server._cache[2] == exposition(new)
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
             assert r.read() == exposition(new)
     finally:

@@ -172,7 +172,7 @@ def test_unnamed_vcpu_not_in_kvm_run_stays_unknown_and_unpinned_until_seen(tree)
     tree.set_syscall(unnamed, busy, "running")  # on a CPU right now: no KVM_RUN to see
     tree.set_affinity(unnamed, busy, [0, 1, 2, 3])
     act.calls.clear()
-    rec.rescan(ScanReason.RELOAD)  # read afresh
+    rec.look_at([unnamed])  # read afresh (a reload re-checks what it knows; roles stay)
     r = roles(rec, unnamed)
     unknown = [t for t, role in r.items() if role is Role.UNKNOWN]
     assert busy in unknown and not set(unknown) & set(act.moved())

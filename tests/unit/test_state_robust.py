@@ -465,6 +465,7 @@ def non_root_service(tmp_path):
 import os, sys
 from pathlib import Path
 from vcpud import state
+import json, tempfile  # state.save's, as `vcpud run` imports them at start (here Python's files are root's alone)
 os.setgid(61000); os.setuid(61000)
 mine, root_dir, other = map(Path, sys.argv[1:])
 state.save(mine / "state.json", {})

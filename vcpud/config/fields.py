@@ -7,7 +7,6 @@ field's issues, so one bad key never hides the next one.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +53,7 @@ class Ctx:
         self.cpusets: dict[CpuSet, CpuSet] = {}
         self.cpus_left = MAX_CPUS_NAMED
         self.policy_count = 0  # policies seen in all files so far, read or not
+        self.fast_yaml = False  # compose through libyaml where it reads the file as PyYAML does
 
     def pos(self, node: Node) -> Position:
         return self.doc.pos(node)
@@ -136,6 +136,8 @@ def apply_schema(
 
 
 def suggest(key: str, fields: Iterable[str]) -> str:
+    import difflib  # here: only a config with an unknown key needs it
+
     close = difflib.get_close_matches(key, list(fields), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

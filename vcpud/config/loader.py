@@ -68,13 +68,16 @@ def _internal_error(filename: str, e: Exception) -> ConfigError:
     ])
 
 
-def _parse(text: str, filename: str, online: CpuSet | None, base_dir: Path | None) -> Config:
+def _parse(text: str, filename: str, online: CpuSet | None, base_dir: Path | None, fast: bool = True) -> Config:
+    """The config; ``fast``: its files composed through libyaml where it reads them as PyYAML does,
+    and, should there be any issue, everything read again through PyYAML (yamlpos.FAST_MAX_CHARS)."""
     size = len(text.encode("utf-8", "surrogatepass")) if len(text) * 4 > CONFIG_LIMIT else len(text)
     if size > CONFIG_LIMIT:
         raise ConfigError([
             ConfigIssue(Position(filename, 1, 1), f"config file too large: {size} bytes (at most {CONFIG_LIMIT})")
         ])
     ctx = Ctx(online)
+    ctx.fast_yaml = fast
     batch = Batch()
     files: list[str] = []
     seen: set[str] = set()  # real paths read, so an include never re-reads a file
@@ -94,6 +97,8 @@ def _parse(text: str, filename: str, online: CpuSet | None, base_dir: Path | Non
     except RecursionError:
         # Only a pathological file gets here (the schema walk is shallow).
         batch.add(ConfigIssue(Position(ctx.doc.file or filename, 1, 1), "config nests too deeply"))
+    if batch.issues and fast:
+        return _parse(text, filename, online, base_dir, fast=False)
     if batch.issues:
         raise ConfigError(_sorted(batch.issues, files))
     assert not batch.failed, "a value was refused without any issue saying why"

@@ -63,7 +63,7 @@ def parse_file(ctx: Ctx, text: str, shown: str, included: bool, batch: Batch) ->
     """The top-level values of one file that convert; every issue goes to ``batch``."""
     ctx.doc = Document(shown, None)
     try:
-        ctx.doc = compose(text, shown)
+        ctx.doc = compose(text, shown, ctx.fast_yaml)
     except Invalid as e:
         batch.add(*e.issues)
         return {}

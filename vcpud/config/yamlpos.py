@@ -8,12 +8,16 @@ keys written out win over merged ones, earlier merge sources over later ones.
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .issues import ConfigIssue, Invalid, Position
+
+# libyaml's parser and composer, in C; None when PyYAML was built without it
+_LibyamlLoader: type[yaml.CSafeLoader] | None = getattr(yaml, "CSafeLoader", None)
 
 TAG = "tag:yaml.org,2002:"
 STR, INT, FLOAT, BOOL, NULL = (TAG + t for t in ("str", "int", "float", "bool", "null"))
@@ -48,6 +52,39 @@ class _CountingLoader(yaml.SafeLoader):
             raise _TooManyNodes(self.peek_event().start_mark)
         node: Node | None = super().compose_node(parent, index)
         return node
+
+
+# libyaml composes the same nodes at the same positions as PyYAML's own parser, 20 times faster
+# (0.2 ms for the example config instead of 3.4 ms), for the YAML configs are written in. Fuzzed
+# against PyYAML it differs where PyYAML refuses or reads otherwise: tabs, byte-order marks, line
+# breaks other than LF, tags (!), block scalars (| >), '?' keys, the reserved ` @ %; and it puts
+# an empty value after the blanks that follow its ':' where PyYAML puts it right after the ':'.
+# So libyaml (``fast=True``) only takes text without the first three at all, with the others in
+# comments only (and no quoted scalar over several lines, where a '#' is no comment), and short
+# enough that it cannot hold MAX_NODES nodes (a node takes at least a third of a character: "?"
+# alone is three). Every YAML error comes from PyYAML, and the loader reads a config with any
+# issue again through PyYAML, whose positions of empty values its messages give.
+FAST_MAX_CHARS = MAX_NODES // 4
+_FAST_NEVER = re.compile("[\t\r\x85\u2028\u2029\ufeff]")  # not even in comments
+_FAST_REFUSED = re.compile(r"[!|>`@%?]")  # allowed in comments
+# One line: its content (plain text, '#' inside a word, quoted scalars closed on the line), an
+# optional comment, the line break.
+_LINE = re.compile(r"""((?:[^'"#\n]|(?<=\S)#|'(?:[^'\n]|'')*'|"(?:[^"\\\n]|\\.)*")*)(?:(?<!\S)#[^\n]*)?(?:\n|\Z)""")
+
+
+def fast_composable(text: str) -> bool:
+    """Whether libyaml composes ``text`` as PyYAML would (see FAST_MAX_CHARS)."""
+    if _LibyamlLoader is None or len(text) > FAST_MAX_CHARS or _FAST_NEVER.search(text):
+        return False
+    if not _FAST_REFUSED.search(text):
+        return True
+    pos, end = 0, len(text)
+    while pos < end:
+        m = _LINE.match(text, pos)
+        if m is None or m.end() == pos or _FAST_REFUSED.search(m.group(1)):
+            return False  # a quoted scalar over several lines, or such a character outside comments
+        pos = m.end()
+    return True
 
 
 class Entry(NamedTuple):
@@ -195,8 +232,16 @@ class Document:
         return out
 
 
-def compose(text: str, file: str) -> Document:
-    """The node tree of ``text``; raise Invalid (one issue, positioned) if it is not YAML."""
+def compose(text: str, file: str, fast: bool = False) -> Document:
+    """The node tree of ``text``; raise Invalid (one issue, positioned) if it is not YAML.
+
+    ``fast``: through libyaml when :func:`fast_composable` says it reads ``text`` as PyYAML does
+    (empty values aside: see FAST_MAX_CHARS), else and on any error through PyYAML.
+    """
+    if fast and fast_composable(text):
+        fast_doc = _libyaml_compose(text, file)
+        if fast_doc is not None:
+            return fast_doc
     loader: _CountingLoader | None = None
     try:
         loader = _CountingLoader(text)  # checks the characters already
@@ -239,6 +284,22 @@ def compose(text: str, file: str) -> Document:
         if loader is not None:
             loader.dispose()
     raise Invalid(ConfigIssue(pos, msg))
+
+
+def _libyaml_compose(text: str, file: str) -> Document | None:
+    """libyaml's tree of ``text``; None for any error (PyYAML's composer then says what and where)."""
+    if _LibyamlLoader is None:
+        return None
+    loader = None
+    try:
+        loader = _LibyamlLoader(text)
+        doc = Document(file, loader.get_single_node())
+    except Exception:  # noqa: BLE001 - not even a lone surrogate's UnicodeEncodeError is ours to report
+        return None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return doc if doc.expansion_issue() is None else None
 
 
 def _children(node: Node) -> list[Node]:

@@ -2,8 +2,10 @@
 (ahead of the next scrape when it can) and serves the bytes; plus the ``HOST:PORT`` parser.
 
 The event loop publishes an immutable snapshot after each reconcile (one reference swap). A scrape
-reads that snapshot and nothing else: it never touches /proc, never takes a lock the loop holds, and
-every family of one scrape comes from the *same* snapshot object. No process or GC collectors: the
+reads that snapshot, never takes a lock the loop holds, and every family of one scrape comes from the
+*same* snapshot object; the only /proc it reads is the vCPU time of the vCPUs the snapshot lists as
+pinned to one CPU (activity.VcpuClock, at most once a second), so that an idle daemon nobody scrapes
+reads nothing. Snapshots are rendered ahead only while someone scrapes. No process or GC collectors: the
 service manager and node_exporter report the process; a scrape reports only the snapshot.
 """
 
@@ -16,10 +18,12 @@ import socket
 import socketserver
 import threading
 import time
+from dataclasses import replace
 from typing import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from ..config import listen as listen_grammar
+from ..activity import VcpuClock
 from ..snapshot import Snapshot
 from .textformat import CONTENT_TYPE, exposition
 
@@ -74,19 +78,24 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
 
 # Snapshots change after every event burst; rendering each at once would cost the loop GIL time.
 PRERENDER_INTERVAL = 0.1
+# Render published snapshots ahead of the next scrape only while scrapes come (Prometheus's
+# default interval is 1 minute; nobody scraping for 5: render on demand).
+PRERENDER_WHILE_SCRAPED = 300.0
 
 
 class MetricsServer:
     """Serves ``/metrics`` for ``source()`` from a daemon thread; ``start()`` then ``stop()``."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, vcpu_clock: VcpuClock | None = None) -> None:
         self.source = source
+        self.vcpu_clock = vcpu_clock
+        self._last_scrape = -float("inf")
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._stop = threading.Event()
-        self._cache: tuple[object, bytes] | None = None
+        self._cache: tuple[object, int, bytes] | None = None  # (snapshot, vCPU time sample, body)
         self._render_lock = threading.Lock()
         self._pub_r: socket.socket | None = None
         self._pub_w: socket.socket | None = None
@@ -178,25 +187,34 @@ class MetricsServer:
                             due = max(time.monotonic(), last + PRERENDER_INTERVAL)
                 if due is not None and time.monotonic() >= due:
                     due, last = None, time.monotonic()
+                    if last - self._last_scrape > PRERENDER_WHILE_SCRAPED:
+                        continue  # nobody asks: render when someone does
                     try:
                         self.scrape()
                     except Exception:  # the scrape itself will report it
                         log.exception("metrics: cannot render")
 
     def scrape(self) -> bytes:
-        """The body of one scrape: the text format of ``source()``'s snapshot, rendered once per snapshot.
+        """The body of one scrape: the text format of ``source()``'s snapshot, rendered once per snapshot
+        (and vCPU time sample).
 
         The daemon publishes a new snapshot object after each reconcile; until it does, scrapes
         reuse the bytes rendered for the current one (Prometheus HA pairs, a dashboard and ``curl``
-        then cost nothing). The cache is one (snapshot, bytes) tuple swapped whole.
+        then cost nothing). The cache is one tuple swapped whole.
         """
         with self._render_lock:  # a scrape during a pre-render waits for it rather than repeat it
             snap = self.source()
+            clock = self.vcpu_clock
+            source, sample = snap, 0
+            if snap is not None and clock is not None:
+                secs = clock.sample(snap.pinned_vcpus)
+                sample = clock.version
+                snap = replace(snap, vcpu_seconds=secs)
             cached = self._cache
-            if cached is not None and cached[0] is snap:
-                return cached[1]
+            if cached is not None and cached[0] is source and cached[1] == sample:
+                return cached[2]
             body = exposition(snap)
-            self._cache = (snap, body)
+            self._cache = (source, sample, body)
             return body
 
     def _app(self, environ: dict, start_response: Callable) -> list[bytes]:
@@ -209,6 +227,7 @@ class MetricsServer:
         if path != "/metrics":
             start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
             return [b"not found; metrics are at /metrics\n"]
+        self._last_scrape = time.monotonic()
         try:
             body = self.scrape()
         except Exception as e:  # a bug here must not take the thread down; the scrape fails (up == 0)

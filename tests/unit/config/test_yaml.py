@@ -3,11 +3,28 @@ merge keys, YAML 1.1 number forms, duplicate and non-scalar keys."""
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
-
+from hypothesis import given, settings, strategies as st
+from yaml.nodes import ScalarNode, SequenceNode
 
 from tests.unit.config.helpers import assert_issue, cpus, issues, one_issue, parse, policy
+from vcpud.config import yamlpos
+from vcpud.config.issues import Invalid
+
+GOOD_POOLS = """\
+pools:
+  dedicated: {cpus: "4-31", exclusive: true}
+  shared: {cpus: "2-3"}
+policies:
+  - name: db
+    match: {name: "db-*", vcpus: "2-8", user: "0"}
+    vcpus: {pool: dedicated, smt: mirror, numa: single, cache: l3}
+    vcpupin: {0: 1, "1": 0}
+    emulatorpin: {pool: shared}  # -> shared
+    iothreadpin: {io1: "0x3"}
+"""
 
 
 # --- anchors, merge keys and number forms ------------------------------------------------
@@ -147,3 +164,104 @@ def test_duplicate_vcpu_index_written_differently():
 def test_non_scalar_key():
     issue = one_issue(policy("? [a]\n: 1\n"))
     assert_issue(issue, "t.yaml:4:7", "keys must be plain words", "got a list")
+
+
+# --- libyaml where it reads as PyYAML does ------------------------------------------------
+
+EXAMPLE = (Path(__file__).resolve().parents[3] / "config" / "vcpud.yaml").read_text()
+
+
+def _tree(doc: yamlpos.Document) -> list[tuple[object, ...]]:
+    """Every node once, in order: kind, tag, position (none for an empty value: libyaml places
+    those elsewhere, and the loader reads a config with any issue again through PyYAML), text."""
+    out: list[tuple[object, ...]] = []
+    seen: set[int] = set()
+    stack = [doc.root] if doc.root is not None else []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            out.append(("alias",))
+            continue
+        seen.add(id(node))
+        empty = isinstance(node, ScalarNode) and node.value == "" and node.tag == yamlpos.NULL
+        out.append((type(node).__name__, node.tag, None if empty else str(doc.pos(node)),
+                    node.value if isinstance(node, ScalarNode) else None))
+        children = node.value if isinstance(node, SequenceNode) else [] if isinstance(node, ScalarNode) \
+            else [n for pair in node.value for n in pair]
+        stack.extend(reversed(children))
+    return out
+
+
+def _composed(text: str, fast: bool) -> tuple[str, object]:
+    try:
+        return "ok", _tree(yamlpos.compose(text, "t.yaml", fast=fast))
+    except Invalid as e:
+        return "invalid", [str(i) for i in e.issues]
+
+
+def test_the_example_config_goes_through_libyaml():
+    assert yamlpos._LibyamlLoader is not None, "PyYAML without libyaml: configs load 10-20 times slower"
+    assert yamlpos.fast_composable(EXAMPLE)
+    assert _composed(EXAMPLE, True) == _composed(EXAMPLE, False)
+
+
+@pytest.mark.parametrize("text", [
+    "a: 1\t# a tab\n", "a: >#\n", "a: |#\n  x\n", "[a.? - a\n]\n", "{a: !x 1}\n", "a: 1 # \ufeff\n",
+    "a: 1 #\u2028b: 2\n", "a: 1\r\nb: 2\n", "a: 'x\n  #>'\n", "a: `b`\n", "a: b'c # ?\n", "a: b#?\n",
+    "a: 'x|y'\n",
+])
+def test_libyaml_is_not_asked_where_it_reads_otherwise(text):
+    assert not yamlpos.fast_composable(text)
+    assert _composed(text, True) == _composed(text, False)
+
+
+@pytest.mark.parametrize("text", [
+    "a: 1  # `comment` -> with | ? ! @ %\n", "# ?\n  # |\na: 'x # y'  # ?\nb: \"y \\\" # z\"  # >\n", "a: b#c # ?\n",
+])
+def test_comments_may_hold_anything_printable(text):
+    assert yamlpos.fast_composable(text)
+    assert _composed(text, True) == _composed(text, False)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("pools:\n  p: {cpus: , exclusive: true}\n", "t.yaml:2:12"),
+    ('policies:\n  - name: a\n    match: {}\n    vcpupin: {0: "0", 1: }\n', "t.yaml:4:25"),
+])
+def test_an_empty_value_is_where_pyyaml_puts_it(text, where):
+    # libyaml puts these one column on, after the blank: the loader reads the config again
+    assert yamlpos.fast_composable(text)
+    assert_issue(one_issue(text), where, "got an empty value")
+
+
+PIECES = [*"-:,[]{}a1 \n*&#'\".~!|>`@%?\t\r", "- ", ": ", "\n  ", "&x ", "*x", "<<: ", "---", "...", "é", "\\",
+          "\ufeff", "\x85", "\u2028", "\x07", "\ud800", " #", "# `x`\n", "''", '\\"']
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(st.sampled_from([EXAMPLE, GOOD_POOLS]), st.lists(
+    st.tuples(st.integers(0, 10_000), st.integers(0, 2), st.sampled_from(PIECES), st.integers(1, 20)),
+    min_size=1, max_size=5))
+def test_libyaml_composes_what_pyyaml_composes(base, edits):
+    """Mutated configs: the same nodes at the same places, or the same error, either way."""
+    text = base
+    for at, op, piece, n in edits:
+        at %= len(text) + 1
+        text = text[:at] + piece + text[at:] if op == 0 else text[:at] + text[at + n:] if op == 1 \
+            else text[:at] + text[at // 2:at // 2 + n] + text[at:]
+    assert _composed(text, True) == _composed(text, False), repr(text)
+
+
+def test_nodes_per_character_stay_under_the_bound():
+    # FAST_MAX_CHARS assumes a node takes at least a third of a character.
+    for text in ["?", "? \n? \n", "[,]", "{: , : }", "- - - -", "[[[[]]]]", "a:\nb:\nc:\n", ":\n:\n"]:
+        try:
+            doc = yamlpos.compose(text, "t.yaml")
+        except Invalid:
+            continue
+        assert len(_tree(doc)) <= 3 * len(text)
+
+
+def test_without_libyaml_pyyaml_composes_everything(monkeypatch):
+    monkeypatch.setattr(yamlpos, "_LibyamlLoader", None)
+    assert not yamlpos.fast_composable("a: 1\n")
+    assert parse(policy('affinity: "0"\n')).policies[0].affinity == cpus("0")
