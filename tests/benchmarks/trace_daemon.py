@@ -110,7 +110,9 @@ def install(out: IO[str]) -> None:
 
     patch(Procfs, "thread", "thread")
     patch(reconciler, "classify_new_thread", "classify")
-    patch(reconciler, "assign", "assign")
+    for mod in (reconciler, pinner):  # whichever places a new thread
+        if hasattr(mod, "assign"):
+            patch(mod, "assign", "assign")
     for router in (pinning.Chain, pinning.Direct):
         patch(router, "ops_for", "route")
     patch(pinning.OsAffinity, "set", "set")  # the existence check and sched_setaffinity
