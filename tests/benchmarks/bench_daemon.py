@@ -82,6 +82,30 @@ def host_noise() -> str:
     return f"load average {' '.join(load)}, {others} other qemu processes running"
 
 
+def cpu_times() -> tuple[int, int, int]:
+    """The host's (total, idle, stolen) CPU time so far, in ticks (/proc/stat)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(f), f[3] + f[4], f[7]
+
+
+def cpu_use(t0: tuple[int, int, int], t1: tuple[int, int, int]) -> str:
+    total = max(1, t1[0] - t0[0])
+    return (f"{100 * (total - (t1[1] - t0[1])) / total:.0f} % busy (this run's processes included), "
+            f"{100 * (t1[2] - t0[2]) / total:.1f} % stolen by the hypervisor")
+
+
+def wait_host_idle(idle: float = 0.9, window: float = 2.0, timeout: float = 60.0) -> str:
+    """Until the host's CPUs were at least ``idle`` idle over ``window`` seconds (the guests just
+    started settle), at most ``timeout`` seconds; what the last window showed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        t0 = cpu_times()
+        time.sleep(window)
+        t1 = cpu_times()
+        if (t1[1] - t0[1]) / max(1, t1[0] - t0[0]) >= idle or time.monotonic() > deadline:
+            return cpu_use(t0, t1)
+
+
 class LogTail:
     """A growing log file, read as it grows."""
 
@@ -160,12 +184,17 @@ def account(log: str, vm: str, tids: dict[int, str]) -> tuple[dict[int, int], Co
 
 
 def bench_latency(tmp: Path, cfg: Path, n: int, idle: int, settle: float = 0.005, hold: float = 0.2,
-                  keep_log: Path | None = None, trace: Path | None = None) -> None:
+                  keep_log: Path | None = None, trace: Path | None = None, metrics: bool = True,
+                  crowd: int = 0) -> None:
     print(f"[latency] before: {host_noise()}")
     others = [start_guest(tmp, f"{BENCH}-idle{i}", smp="2") for i in range(idle)]
+    # --crowd: more VMs on the host that no policy matches (the daemon still follows and publishes them)
+    others += [start_guest(tmp, f"{RUN}crowd{i}", smp="16") for i in range(crowd)]
     # --trace: the daemon's event path timed stage by stage (tests/benchmarks/trace_daemon.py)
     traced = {"env": {"VCPUD_TRACE": str(trace)}, "module": "tests.benchmarks.trace_daemon"} if trace else {}
-    d = DaemonProc(tmp, cfg, "--metrics-listen", "127.0.0.1:0", **traced)
+    # Metrics served, as by default (the server renders each new snapshot in its own thread, holding
+    # the GIL): the pins must show in vcpud_pin_latency_seconds too.
+    d = DaemonProc(tmp, cfg, "--metrics-listen", "127.0.0.1:0" if metrics else "off", **traced)
     qmp_path = tmp / "qmp.sock"
     name = f"{BENCH}-lat"
     g = start_guest(tmp, name, "-qmp", f"unix:{qmp_path},server=on,wait=off", smp="1")
@@ -176,6 +205,9 @@ def bench_latency(tmp: Path, cfg: Path, n: int, idle: int, settle: float = 0.005
     tail = LogTail(d.log_path)
     try:
         wait_in_place(g)
+        time.sleep(1.0)  # the daemon's follow-up looks at the new VM, which would pin a new thread without its event
+        print(f"[latency] host before the run: {wait_host_idle()}")
+        c0 = cpu_times()
         t0 = time.monotonic()
         for i in range(n):
             qmp.cmd("object-add", **{"qom-type": "iothread", "id": f"b{i}"})
@@ -196,8 +228,9 @@ def bench_latency(tmp: Path, cfg: Path, n: int, idle: int, settle: float = 0.005
                          f"{(time.monotonic() - t1) * 1e3:.1f} ms later")
             qmp.cmd("object-del", id=f"b{i}")
         took = time.monotonic() - t0
+        during = cpu_use(c0, cpu_times())
         time.sleep(0.2)  # the daemon's last log lines
-        in_histogram = scrape_latency_count(d)
+        in_histogram = scrape_latency_count(d) if metrics else "not served (--no-metrics)"
     finally:
         tail.close()
         qmp.close()
@@ -213,7 +246,9 @@ def bench_latency(tmp: Path, cfg: Path, n: int, idle: int, settle: float = 0.005
     overruns = log.count("proc connector overrun")
     print(f"[latency] {n} IO threads created, each kept until the daemon logged it (at most {hold * 1e3:.0f} ms), "
           "then destroyed, "
-          f"in {took:.1f}s with {idle} other guests idle; after: {host_noise()}")
+          f"in {took:.1f}s with {idle} other guests idle{f' and {crowd} unmanaged ones' if crowd else ''}; "
+          f"after: {host_noise()}")
+    print(f"[latency] host during the run: {during}")
     print(f"[latency] seen by the benchmark: {len(tids)} distinct tids, {started_in_place} already on "
           f"{sorted(IOTHREAD_CPUS)} when it first looked (after query-iothreads), "
           f"{not_pinned} the daemon said nothing about within {hold * 1e3:.0f} ms")
@@ -251,8 +286,8 @@ def print_trace(path: Path, tids: set[int]) -> None:
         return
     print(f"[trace] {len(recs)} pins; stage: p50 / p99 / max us (mean us); the slowest 1 % of pins, mean us")
     slow = sorted(recs, key=lambda r: r["latency"])[-max(1, len(recs) // 100):]
-    for key in ("latency", "queued", "busy", "busy_publish", "read", "before", "thread", "classify", "assign",
-                "route", "pin_one", "get1", "check", "setaff", "get2", "log", "other"):
+    for key in ("latency", "queued", "busy", "busy_publish", "busy_rescan", "read", "before", "thread", "classify",
+                "assign", "route", "pin_one", "get1", "check", "setaff", "get2", "log", "other"):
         xs = sorted(r.get(key, 0) / 1e3 for r in recs)
         print(f"[trace]   {key:13} {percentile(xs, 0.5):8.1f} {percentile(xs, 0.99):8.1f} {xs[-1]:8.1f} "
               f"({statistics.fmean(xs):7.1f})   slowest: {statistics.fmean(r.get(key, 0) / 1e3 for r in slow):8.1f}")
@@ -370,6 +405,10 @@ def main() -> None:
                     help="run only this part (repeatable); default: all of them")
     ap.add_argument("--keep-log", type=Path, help="latency: keep the daemon's log there (and the tids in FILE.tids)")
     ap.add_argument("--trace", type=Path, help="latency: time the daemon's event path stage by stage into FILE")
+    ap.add_argument("--no-metrics", dest="metrics", action="store_false",
+                    help="latency: no metrics server in the daemon (the harness default, as this part ran before)")
+    ap.add_argument("--crowd", type=int, default=0,
+                    help="latency: also start this many idle 16-vCPU guests that no policy matches")
     ap.add_argument("--settle", type=float, default=0.005,
                     help="latency: seconds to sleep after creating an IO thread before polling for its pin")
     args = ap.parse_args()
@@ -380,7 +419,7 @@ def main() -> None:
         cfg.write_text(CONFIG)
         if "latency" in parts:
             bench_latency(tmp, cfg, args.threads, idle=5, settle=args.settle, keep_log=args.keep_log,
-                          trace=args.trace)
+                          trace=args.trace, metrics=args.metrics, crowd=args.crowd)
         if "start" in parts:
             bench_start(tmp, cfg, args.starts)
         if "hotplug" in parts:

@@ -6,8 +6,9 @@ Wraps, from outside, the functions a COMM event goes through in the daemon and, 
 that ends in a pin, writes one JSON line to FILE with the time each stage took (ns):
 
 - ``queued``: the connector's kernel timestamp -> the loop's select() returned; ``busy`` is the part
-  of it when the loop was still doing something else (the previous turn), ``busy_publish`` the part
-  of that spent in Daemon.publish (the snapshot for the metrics);
+  of it when the loop was still doing something else (the previous turn), ``busy_publish`` and
+  ``busy_rescan`` the part of that spent in Daemon.publish (the snapshot for the metrics) or in a
+  periodic rescan;
 - ``read``: recv() + parse of the whole batch; ``before``: the events ahead of it in that batch;
 - ``thread``: Procfs.thread (the /proc read); ``classify``, ``assign``;
 - ``route``: the router's ops_for (libvirt, cgroups); ``get1``/``check``/``setaff``/``get2``: pin_one's
@@ -95,9 +96,10 @@ def install(out: IO[str]) -> None:
             end = now()
         if "latency" not in cur or not event_ns:
             return  # not pinned on this event
-        pub_in, pub_out = state.get("pub_in", 0), state.get("pub_out", 0)
-        if pub_in <= event_ns < pub_out <= state["select_in"]:
-            cur["busy_publish"] = pub_out - event_ns  # of "busy": the snapshot of the turn before
+        for what in ("publish", "rescan"):  # of "busy": the loop was in one of those
+            t_in, t_out = state.get(f"{what}_in", 0), state.get(f"{what}_out", 0)
+            if t_in <= event_ns < t_out <= state["select_in"]:
+                cur[f"busy_{what}"] = t_out - event_ns
         cur.update(queued=state["woke"] - event_ns, busy=max(0, state["select_in"] - event_ns),
                    read=state["read_out"] - state["read_in"], before=t - state["read_out"], total=end - event_ns)
         cur["check"] = cur.pop("set", 0) - cur.get("setaff", 0)
@@ -108,7 +110,9 @@ def install(out: IO[str]) -> None:
 
     patch(Procfs, "thread", "thread")
     patch(reconciler, "classify_new_thread", "classify")
-    patch(reconciler, "assign", "assign")
+    for mod in (reconciler, pinner):  # whichever places a new thread
+        if hasattr(mod, "assign"):
+            patch(mod, "assign", "assign")
     for router in (pinning.Chain, pinning.Direct):
         patch(router, "ops_for", "route")
     patch(pinning.OsAffinity, "set", "set")  # the existence check and sched_setaffinity
@@ -161,16 +165,26 @@ def install(out: IO[str]) -> None:
     publish = daemon.Daemon.publish
 
     def traced_publish(self: daemon.Daemon) -> None:
-        state["pub_in"] = t = now()
+        state["publish_in"] = t = now()
         try:
             publish(self)
         finally:
-            state["pub_out"] = now()
+            state["publish_out"] = now()
             vms = self.reconciler.vms.values()
-            out.write(json.dumps({"publish": state["pub_out"] - t, "vms": len(vms),
+            out.write(json.dumps({"publish": state["publish_out"] - t, "vms": len(vms),
                                   "threads": sum(len(st.vm.threads) for st in vms)}) + "\n")
 
     daemon.Daemon.publish = traced_publish
+    periodic_rescan = daemon.Daemon.periodic_rescan
+
+    def traced_rescan(self: daemon.Daemon) -> None:
+        state["rescan_in"] = now()
+        try:
+            periodic_rescan(self)
+        finally:
+            state["rescan_out"] = now()
+
+    daemon.Daemon.periodic_rescan = traced_rescan
 
 
 if __name__ == "__main__":
