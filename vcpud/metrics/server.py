@@ -187,8 +187,10 @@ class MetricsServer:
                         due = time.monotonic() + PRERENDER_INTERVAL
                 if due is not None and time.monotonic() >= due:
                     due = None
-                    if time.monotonic() - self._last_scrape > PRERENDER_WHILE_SCRAPED:
-                        continue  # nobody asks: render when someone does
+                    if time.monotonic() - self._last_scrape > PRERENDER_WHILE_SCRAPED or self.vcpu_clock is not None:
+                        # Nobody asks: render when someone does. With vCPU time read at scrape
+                        # time a body rendered ahead is stale by then: render at the scrape.
+                        continue
                     try:
                         self.scrape()
                     except Exception:  # the scrape itself will report it
