@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A snapshot for the metrics costs ~0.3 ms with 100 VMs here: a burst of events (a VM starting,
+# IO threads added) publishes one at most this often instead of one per event.
+PUBLISH_INTERVAL = 0.02
+
 
 def online_now(sysroot: Path) -> CpuSet | None:
     """The kernel's online CPU list, or None when it cannot be read."""
@@ -86,6 +90,7 @@ class Daemon:
         self.snapshot = Snapshot(version="")
         self.next_rescan = 0.0
         self.next_watchdog = 0.0
+        self.next_publish = 0.0  # during a burst of events, a snapshot at most every PUBLISH_INTERVAL
         self.stop_requested = False
         self.reload_requested = False
         self.reload_again = False
@@ -177,15 +182,10 @@ class Daemon:
         """One loop iteration: wait for an event or the next timer, then do what is due."""
         rec = self.reconciler
         self.sources.watch(rec.watched())  # before sleeping: the kernel drops what no VM needs
-        timers = [self.next_rescan]
-        due = rec.next_deadline()
-        if due is not None:
-            timers.append(due)
-        if self.notifier.watchdog_interval:
-            timers.append(self.next_watchdog)
-        lv_due = self.libvirt.next_deadline() if self.libvirt is not None else None
-        if lv_due is not None:
-            timers.append(lv_due)
+        due = (rec.next_deadline(), self.libvirt.next_deadline() if self.libvirt is not None else None,
+               self.next_watchdog if self.notifier.watchdog_interval else None,
+               self.next_publish if rec.changed else None)
+        timers = [self.next_rescan, *(t for t in due if t is not None)]
         for source in self.sources.ready(max(0.0, min(timers) - self.clock())):
             self.dispatch(source)
             if self.stop_requested:
@@ -212,7 +212,7 @@ class Daemon:
         if now >= self.next_rescan or rec.rescan_wanted:
             self.periodic_rescan()
             self.next_rescan = self.clock() + rec.config.rescan_interval
-        if rec.changed:
+        if rec.changed and now >= self.next_publish:
             self.publish()
 
     def dispatch(self, source: EventSource | Callable[[], None]) -> None:
@@ -343,6 +343,7 @@ class Daemon:
     def publish(self) -> None:
         """Replace the snapshot readers see (one reference swap: readers never see half of it)."""
         rec = self.reconciler
+        self.next_publish = self.clock() + PUBLISH_INTERVAL
         self.snapshot = snapshot(rec)
         rec.changed = False
         if self.metrics_server is not None:

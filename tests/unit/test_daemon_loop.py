@@ -13,7 +13,7 @@ import pytest
 from tests.proctree import ProcTree, load
 from tests.unit.test_reconciler import FIXED, Actuator, Clock
 from vcpud.cpuset import CpuSet
-from vcpud.daemon import Daemon
+from vcpud.daemon import PUBLISH_INTERVAL, Daemon
 from vcpud.reconciler import ScanReason
 from vcpud.sdnotify import Notifier
 from vcpud.vocab import EventSource
@@ -60,6 +60,8 @@ def reload_and_wait(d: Daemon) -> None:
     for _ in range(100):
         d.turn()
         if d.stats.reloads_ok + d.stats.reloads_failed > done:
+            d.clock.advance(PUBLISH_INTERVAL)  # type: ignore[attr-defined]
+            d.turn()  # the snapshot readers see: published at most every PUBLISH_INTERVAL
             return
     raise AssertionError("the reload never finished")
 
