@@ -145,9 +145,8 @@ class Reconciler:
         self.events_lost = True  # renames may have been missed: the rescan re-reads names too
 
     def watched(self) -> frozenset[int]:
-        """The processes whose fork, comm and exit events matter: the VMs, the -daemonize qemus
-        awaiting their guest, and those due for a look (a kvm uevent's, a follow-up's). Every
-        exec matters, and so does a thread named as a vCPU or IO thread anywhere (procfilter)."""
+        """The processes whose fork, comm and exit events matter (procfilter): the VMs, the
+        -daemonize qemus awaiting their guest, and those due a look (a kvm uevent's, a follow-up's)."""
         return frozenset(self.vms.keys() | self.starting.keys() | self.due.keys())
 
     # --- timers ---------------------------------------------------------------------------
