@@ -241,7 +241,7 @@ class Daemon:
         self.stats.count_event(EventSource.PROC_CONNECTOR, len(events))
         for ev in events:
             if ev.what == "comm":
-                rec.on_comm(ev.pid, ev.tgid, ev.timestamp_ns)
+                rec.on_comm(ev.pid, ev.tgid, ev.timestamp_ns, ev.comm)
             elif ev.what == "fork":
                 rec.on_fork(ev.pid, ev.tgid, ev.timestamp_ns)
             elif ev.what == "exec":

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Hashable, Iterable
 
 from .activity import Stats
 from .cpuset import CpuSet
-from .discovery import VM, ExeCheck, Scan, Thread, classify_new_thread, scan, verify_executable
+from .discovery import VM, ExeCheck, Scan, Thread, classify_new_thread, named_thread, scan, verify_executable
 from .holdings import Ledger, StateStore
 from .pinner import Pinner
 from .pinning import AffinityOps, Direct, Outcome, PinResult, Router
@@ -105,11 +105,11 @@ class Reconciler:
             # Named threads are pinned on their COMM event; give the rename a moment.
             self.unnamed[pid] = (tgid, self.clock() + UNNAMED_GRACE, event_ns)
 
-    def on_comm(self, pid: int, tgid: int, event_ns: int = 0) -> None:
+    def on_comm(self, pid: int, tgid: int, event_ns: int = 0, comm: str | None = None) -> None:
         st = self.vms.get(tgid)
         if st is not None:
             self.unnamed.pop(pid, None)
-            self._pin_thread(st, pid, event_ns)
+            self._pin_thread(st, pid, event_ns, comm)
         elif tgid not in self.not_vm:
             self._consider(tgid)
 
@@ -321,8 +321,7 @@ class Reconciler:
             prev = None  # the PID was reused by another process
         policy = self.config.select(vm)
         st = VMState.after(prev, vm, policy, decision, self.clock())
-        if prev is None:
-            self.starting.pop(vm.pid, None)
+        self.starting.pop(vm.pid, None)  # it shows a guest now
         st.plan = plan_vm(vm, policy, self.online, self.config, decision, self.isolated)
         say_plan(st, prev)
         results = self.pinner.pin_plan(st, prev)
@@ -333,19 +332,20 @@ class Reconciler:
             st.followup += 1
         return results
 
-    def _pin_thread(self, st: VMState, tid: int, event_ns: int = 0) -> None:
-        """Fast path: one new or renamed thread of a known VM."""
+    def _pin_thread(self, st: VMState, tid: int, event_ns: int = 0, comm: str | None = None) -> None:
+        """Fast path: one new or renamed thread of a known VM (``comm``: the name its COMM event gave)."""
         try:
-            snap = self.procfs.thread(st.vm.pid, tid)
+            t = named_thread(self.procfs, st.vm.pid, tid, comm) or \
+                classify_new_thread(st.vm, self.procfs.thread(st.vm.pid, tid))
         except Vanished:
             self.stats.vanished += 1
             log.debug("VM %s tid %d exited before it could be read", st.vm.display_name, tid)
             return
-        t = classify_new_thread(st.vm, snap)
         if t is None:
             self.due[st.vm.pid] = min(self.due.get(st.vm.pid, float("inf")), self.clock())
             return
-        st.vm = replace(st.vm, threads=tuple(x for x in st.vm.threads if x.tid != tid) + (t,))
+        others = (x for x in st.vm.threads if x.tid != tid)  # sorted by TID, as a whole read gives them
+        st.vm = replace(st.vm, threads=tuple(sorted((*others, t), key=lambda x: x.tid)))
         self._place_thread(st, t, event_ns)
 
     def _place_thread(self, st: VMState, t: Thread, event_ns: int = 0) -> None:

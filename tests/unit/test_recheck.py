@@ -182,3 +182,19 @@ def test_a_record_about_several_threads_gives_the_journal_a_field_per_thread(mon
     assert sent and set(sent[0]) >= {"MESSAGE=pinned", "VM=web1", "VM_PID=7", "POLICY=web", "TID=11", "TID=12",
                                      "ROLE=vcpu 0", "ROLE=vcpu 1", "CPUS=0", "PRIORITY=6", "CODE_LINE=3"}
     assert journal_fields(vm, "web", a[0])["TID"] == 11
+
+
+def test_a_thread_named_by_its_comm_event_is_pinned_without_reading_its_stat(tree):
+    rec, act, fs = trusting(tree)
+    named = tree.pid("named")
+    tree.add_thread(named, 15200, "IO io5")
+    tree.set_affinity(named, 15200, [0, 1, 2, 3])
+    tree.add_thread(named, 15201, "worker")
+    tree.set_affinity(named, 15201, [2])
+    fs.reads.clear()
+    rec.on_comm(15200, named, comm="IO io5")
+    assert "stat" not in fs.reads and act.moved()[15200] == C("1")  # the event named its role
+    assert roles(rec, named)[15200] is Role.IOTHREAD
+    assert [t.tid for t in rec.vms[named].vm.threads] == sorted(t.tid for t in rec.vms[named].vm.threads)
+    rec.on_comm(15201, named, comm="worker")  # a name that says nothing: /proc tells (flags, role)
+    assert "stat" in fs.reads and act.moved()[15201] == C("0")
