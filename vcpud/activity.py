@@ -6,7 +6,6 @@ snapshots. The VcpuClock belongs to the metrics server, which asks it at scrape 
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import Counter
@@ -15,6 +14,7 @@ from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
 
 from .pinning import Outcome
+from .procfs import Procfs, Vanished
 from .histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
 from .vocab import EventSource
 
@@ -47,9 +47,8 @@ class VcpuClock:
     thread spent before it was first seen pinned to that CPU (or by a recycled TID) is nobody's.
     """
 
-    def __init__(self, proc: str = "/proc", min_interval: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.proc = proc
+    def __init__(self, procfs: Procfs, min_interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.procfs = procfs
         self.min_interval = min_interval
         self.clock = clock
         self.seconds: dict[int, float] = {}
@@ -72,12 +71,8 @@ class VcpuClock:
         seen: dict[int, tuple[int, int]] = {}
         for pid, tid, cpu in pinned:
             try:
-                fd = os.open(f"{self.proc}/{pid}/task/{tid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    ns = int(os.read(fd, 128).split()[0])
-                finally:
-                    os.close(fd)
-            except (OSError, ValueError, IndexError):
+                ns = self.procfs.runtime_ns(pid, tid)
+            except (Vanished, OSError):
                 continue  # exited
             prev = self._ns.get(tid)
             if prev is not None and prev[0] == cpu and ns >= prev[1]:

@@ -331,7 +331,7 @@ class Daemon:
             return
         from .metrics import MetricsServer
 
-        server = MetricsServer(lambda: self.snapshot, VcpuClock(str(self.proc)))
+        server = MetricsServer(lambda: self.snapshot, VcpuClock(self.procfs))
         try:
             self.metrics_address = server.start(listen)
         except OSError as e:

@@ -172,7 +172,7 @@ class Procfs:
         return os.path.exists(f"{self._r}/{pid}")
 
     def tids(self, pid: int) -> list[int]:
-        return sorted(int(n) for n in self._listdir(f"{self._r}/{pid}/task") if n.isdigit())
+        return sorted(self.task_ids(pid))
 
     def task_ids(self, pid: int) -> set[int]:
         """The process's TIDs, unordered (what a re-check compares with what it knows)."""
@@ -240,6 +240,14 @@ class Procfs:
                 raise Vanished(str(tid)) from None
         cal = self.status(pid, tid).get("Cpus_allowed_list")
         return CpuSet.parse(cal) if cal else CpuSet()
+
+    def runtime_ns(self, pid: int, tid: int) -> int:
+        """Nanoseconds the thread has spent on a CPU since it started (schedstat's first field)."""
+        text = self._read(f"{self._r}/{pid}/task/{tid}/schedstat")
+        try:
+            return int(text.split()[0])
+        except (ValueError, IndexError):
+            raise Vanished(str(tid)) from None  # empty: a zombie's
 
     def syscall(self, pid: int, tid: int) -> str:
         return self._read(f"{self._r}/{pid}/task/{tid}/syscall").strip()

@@ -143,7 +143,7 @@ def test_vcpu_clock_counts_time_on_the_cpu_since_first_seen(tmp_path):
     stat = tmp_path / "10" / "task" / "11" / "schedstat"
     stat.parent.mkdir(parents=True)
     now = [0.0]
-    clock = VcpuClock(str(tmp_path), min_interval=1.0, clock=lambda: now[0])
+    clock = VcpuClock(Procfs(tmp_path), min_interval=1.0, clock=lambda: now[0])
     stat.write_text("5000000000 0 0\n")
     assert dict(clock.sample([(10, 11, 3)])) == {}  # the baseline: earlier time is nobody's
     stat.write_text("7500000000 0 0\n")
