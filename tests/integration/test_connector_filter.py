@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 
-from tests.unit.test_procconn import RenamingThread, collect, of, open_connector
-from vcpud.procconn import Overrun, ProcConnector, ProcEvent, parse
+from tests.unit.test_procconn import collect, of, open_connector, overflow_then_rename
+from vcpud.procconn import ProcConnector, ProcEvent, parse
 
 DAEMON_KINDS = {"fork", "exec", "comm", "exit"}
 STORM = 300  # forks of the unwatched process
@@ -199,25 +198,7 @@ def test_a_refused_program_leaves_no_filter(children, monkeypatch, caplog):
 def test_overrun_is_still_reported_with_a_filter():
     with open_connector(rcvbuf=16 * 1024, events=DAEMON_KINDS) as pc:
         pc.watch({os.getpid()})
-        for _ in range(2000):
-            t = threading.Thread(target=int)
-            t.start()
-            t.join()
-        overruns = 0
-        for _ in range(20):
-            try:
-                if not pc.read():
-                    break
-            except Overrun:
-                overruns += 1
-        assert overruns >= 1
-        t = RenamingThread(b"after")
-        t.start()
-        try:
-            events = collect(pc, lambda evs: of(evs, "comm", t.native_id))
-        finally:
-            t.finish()
-        assert [ev.comm for ev in of(events, "comm", t.native_id)] == ["after"]
+        overflow_then_rename(pc, b"after")
 
 
 def test_older_kernels_ignore_the_mask_and_the_filter_drops_the_other_kinds(children, monkeypatch):

@@ -355,25 +355,31 @@ def test_overrun_is_reported_and_reading_recovers():
     # events, too few to show recovery over background activity. 16 KiB (doubled: ~39 events)
     # still overflows under thousands of thread creations.
     with open_connector(rcvbuf=16 * 1024) as pc:
-        for _ in range(2000):
-            t = threading.Thread(target=int)
-            t.start()
-            t.join()
-        overruns = 0
-        for _ in range(20):
-            try:
-                if not pc.read():
-                    break
-            except Overrun:
-                overruns += 1
-        assert overruns >= 1
-        t = RenamingThread(b"CPU 9/KVM")
+        overflow_then_rename(pc, b"CPU 9/KVM")
+
+
+def overflow_then_rename(pc: ProcConnector, name: bytes) -> None:
+    """2,000 thread creations overflow ``pc``: read() says Overrun, then a rename made after it is
+    read again (the queue holds only events from after the loss)."""
+    for _ in range(2000):
+        t = threading.Thread(target=int)
         t.start()
+        t.join()
+    overruns = 0
+    for _ in range(20):
         try:
-            events = collect(pc, lambda evs: of(evs, "comm", t.native_id))
-        finally:
-            t.finish()
-        assert [ev.comm for ev in of(events, "comm", t.native_id)] == ["CPU 9/KVM"]
+            if not pc.read():
+                break
+        except Overrun:
+            overruns += 1
+    assert overruns >= 1
+    r = RenamingThread(name)
+    r.start()
+    try:
+        events = collect(pc, lambda evs: of(evs, "comm", r.native_id))
+    finally:
+        r.finish()
+    assert [ev.comm for ev in of(events, "comm", r.native_id)] == [name.decode()]
 
 
 def test_smallest_buffer_still_subscribes():
