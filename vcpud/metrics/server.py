@@ -148,9 +148,11 @@ class MetricsServer:
         self._thread = None
 
     def published(self) -> None:
-        """The source has a new snapshot: render it ahead of the next scrape (never blocks)."""
+        """The source has a new snapshot: render it ahead of the next scrape (never blocks). Not
+        with vCPU time read at scrape time: a body rendered ahead would be stale by then, so the
+        serving thread is not even woken."""
         w = self._pub_w
-        if w is not None:
+        if w is not None and self.vcpu_clock is None:
             try:
                 w.send(b"p")
             except OSError:
@@ -187,10 +189,8 @@ class MetricsServer:
                         due = time.monotonic() + PRERENDER_INTERVAL
                 if due is not None and time.monotonic() >= due:
                     due = None
-                    if time.monotonic() - self._last_scrape > PRERENDER_WHILE_SCRAPED or self.vcpu_clock is not None:
-                        # Nobody asks: render when someone does. With vCPU time read at scrape
-                        # time a body rendered ahead is stale by then: render at the scrape.
-                        continue
+                    if time.monotonic() - self._last_scrape > PRERENDER_WHILE_SCRAPED:
+                        continue  # nobody asks: render when someone does
                     try:
                         self.scrape()
                     except Exception:  # the scrape itself will report it
