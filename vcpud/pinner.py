@@ -92,15 +92,23 @@ class Pinner:
                 say_once(st, a.tid, r.outcome.value, "cannot pin VM %s tid %d (%s) to %s: %s %s",
                           vm.display_name, a.tid, a.label, a.cpus, r.outcome, r.detail,
                           extra=journal_fields(vm, policy, a))
-        st.results[a.tid] = r
         if r.outcome.ok:
-            st.wanted[a.tid] = a
-            st.failed.pop(a.tid, None)
-            st.blocked.pop(a.tid, None)
-            st.said = {s for s in st.said if s[0] != a.tid}  # a later failure is news again
-        elif r.outcome is not Outcome.VANISHED:
-            st.failed[a.tid] = r
+            self._took(st, r)
+        else:
+            st.results[a.tid] = r
+            if r.outcome is not Outcome.VANISHED:
+                st.failed[a.tid] = r
         return r
+
+    @staticmethod
+    def _took(st: VMState, r: PinResult) -> None:
+        a = r.assignment
+        st.results[a.tid] = r
+        st.wanted[a.tid] = a
+        st.failed.pop(a.tid, None)
+        st.blocked.pop(a.tid, None)
+        if st.said:
+            st.said = {s for s in st.said if s[0] != a.tid}  # a later failure is news again
 
     # --- one VM ---------------------------------------------------------------------------
     def pin_plan(self, st: VMState, prev: VMState | None) -> list[PinResult]:
@@ -118,14 +126,32 @@ class Pinner:
         self.stats.drift_corrections += bulk.say()
         return bulk.results
 
-    def put_back(self, st: VMState, drifted: Sequence[tuple[Assignment, CpuSet]]) -> list[PinResult]:
-        """Under an unchanged plan: put back the threads found moved, try the failed ones again."""
+    def put_back(self, st: VMState, drifted: Sequence[tuple[Assignment, CpuSet]],
+                 listed: bool = False) -> list[PinResult]:
+        """Under an unchanged plan: put back the threads found moved, try the failed ones again.
+        ``listed``: the drifted threads were just seen in the VM's task list."""
         if not drifted and not st.failed:
             return []  # the usual rescan: nothing to ask the VM's owner
         bulk = Bulk(st)
         ops = self.router.ops_for(st.vm)
+        # Putting back thousands of threads (a reload after a host-wide taskset) at the cost of
+        # two syscalls each; anything but a clean pin goes the whole way below, said and counted.
+        fast = getattr(ops, "set_listed", None) if listed and not self.dry_run else None
+        name = str(getattr(ops, "name", ""))
         for a, now in drifted:
+            if fast is not None and a.tid not in st.blocked:
+                try:
+                    after = fast(a.tid, a.cpus)
+                except OSError:
+                    after = None
+                if after == a.cpus.cpus:
+                    r = PinResult(a, Outcome.PINNED, now, a.cpus, via=name)
+                    self.stats.pins[Outcome.PINNED] += 1
+                    self._took(st, r)
+                    bulk.moved(a, now, r)
+                    continue
             bulk.moved(a, now, self.pin(st, a, quiet=True, ops=ops, before=now))
+        st.dirty = True
         for failed in list(st.failed.values()):
             bulk.add(self.pin(st, failed.assignment, quiet=True, ops=ops))
         self.stats.drift_corrections += bulk.say()

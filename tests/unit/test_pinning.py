@@ -61,3 +61,65 @@ def test_dry_run_changes_nothing():
     ops = FakeOps({1: C("0-1")})
     r = pin_one(a(1, "1"), ops, dry_run=True)
     assert r.outcome is Outcome.PLANNED and ops.sets == [] and r.outcome.ok
+
+
+def test_put_back_of_listed_threads_pins_real_threads_and_sends_the_rest_the_whole_way():
+    """The re-check's fast path on real threads of this process: two syscalls each, read back;
+    a thread that exited in between goes the whole way and is found gone, not pinned."""
+    import os
+    import threading
+
+    from vcpud.activity import Stats
+    from vcpud.discovery import VM, Smp
+    from vcpud.pinner import Pinner
+    from vcpud.pinning import Direct, OsAffinity
+    from vcpud.vmstate import VMState
+
+    stop = threading.Event()
+    tids: list[int] = []
+    started = threading.Barrier(3)
+
+    def worker() -> None:
+        tids.append(threading.get_native_id())
+        started.wait()
+        stop.wait()
+
+    workers = [threading.Thread(target=worker) for _ in range(2)]
+    for w in workers:
+        w.start()
+    started.wait()
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        here, there = C(str(cpus[0])), C(str(cpus[-1]))
+        for tid in tids:
+            os.sched_setaffinity(tid, there.cpus)  # "drifted"
+        exited: list[int] = []
+        t = threading.Thread(target=lambda: exited.append(threading.get_native_id()))
+        t.start()
+        t.join()
+        gone = exited[0]  # a thread that was there and exited (TIDs are reused only after pid_max others)
+        vm = VM(pid=os.getpid(), starttime=1, exe="/usr/bin/python3", cmdline=(), uid=0, user="root", name="t",
+                uuid=None, smp=Smp(cpus=2), threads=(), debug_threads=True)
+        st = VMState(vm=vm, policy=None)
+        stats = Stats()
+        drifted = [(Assignment(pid=vm.pid, tid=t, label=f"vcpu {i}", role=Role.VCPU, cpus=here, rule="vcpupin"), there)
+                   for i, t in enumerate([*tids, gone])]
+
+        class Recording(OsAffinity):
+            def set(self, pid: int, tid: int, cpus: CpuSet) -> None:
+                slow.append(tid)  # the whole way: checked against /proc/PID/task first
+                super().set(pid, tid, cpus)
+
+        slow: list[int] = []
+        results = Pinner(Direct(Recording()), stats).put_back(st, drifted, listed=True)
+        assert slow == [gone]
+        assert [r.outcome for r in results] == [Outcome.PINNED, Outcome.PINNED, Outcome.VANISHED]
+        assert all(CpuSet.of_kernel(os.sched_getaffinity(t)) == here for t in tids)
+        assert results[0].before == there and results[0].after == here and results[0].via == "sched_setaffinity"
+        assert stats.pins[Outcome.PINNED] == 2 and stats.pins[Outcome.VANISHED] == 1
+        assert set(st.wanted) == set(tids) and gone not in st.failed
+        assert stats.drift_corrections == (2 if len(cpus) > 1 else 0)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
