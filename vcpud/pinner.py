@@ -5,7 +5,7 @@ retried until what it depended on changes."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Hashable, Sequence
+from typing import TYPE_CHECKING, AbstractSet, Callable, Hashable, Sequence
 
 from .activity import Stats
 from .pinning import AffinityOps, Outcome, PinResult, Router, confinement, pin_one
@@ -100,6 +100,29 @@ class Pinner:
                 st.failed[a.tid] = r
         return r
 
+    def _fast(self, ops: AffinityOps, listed: bool) -> tuple[Callable[[int, CpuSet], AbstractSet[int]], str] | None:
+        """The actuator's two-syscall pin for threads just seen in their task list, if it has one."""
+        fast = getattr(ops, "set_listed", None) if listed and not self.dry_run else None
+        return (fast, str(getattr(ops, "name", ""))) if fast is not None else None
+
+    def _pin_listed(self, st: VMState, a: Assignment, ops: AffinityOps,
+                    fast: tuple[Callable[[int, CpuSet], AbstractSet[int]], str], before: CpuSet | None) -> PinResult:
+        """Pin a thread just seen in its VM's task list: set and read back (a reload after a
+        host-wide taskset puts back thousands of threads); anything but a clean pin, or a thread
+        held back by its cgroup, goes the whole way (:meth:`pin`: said, counted, classified)."""
+        if a.tid not in st.blocked:
+            try:
+                before = ops.get(a.tid) if before is None else before
+                after = fast[0](a.tid, a.cpus) if before != a.cpus else None
+            except OSError:
+                after = None
+            if after is not None and after == a.cpus.cpus:
+                r = PinResult(a, Outcome.PINNED, before, a.cpus, via=fast[1])
+                self.stats.pins[Outcome.PINNED] += 1
+                self._took(st, r)
+                return r
+        return self.pin(st, a, quiet=True, ops=ops, before=before)
+
     @staticmethod
     def _took(st: VMState, r: PinResult) -> None:
         a = r.assignment
@@ -111,14 +134,16 @@ class Pinner:
             st.said = {s for s in st.said if s[0] != a.tid}  # a later failure is news again
 
     # --- one VM ---------------------------------------------------------------------------
-    def pin_plan(self, st: VMState, prev: VMState | None) -> list[PinResult]:
+    def pin_plan(self, st: VMState, prev: VMState | None, listed: bool = False) -> list[PinResult]:
         """Pin every assignment of ``st.plan``; a thread ``prev`` had pinned to the same CPUs and
-        that is found elsewhere was moved by someone (drift, counted). One log line for the VM."""
+        that is found elsewhere was moved by someone (drift, counted). One log line for the VM.
+        ``listed``: the VM's threads were just read from its task list."""
         bulk = Bulk(st)
         ops = self.router.ops_for(st.vm)
+        fast = self._fast(ops, listed)
         for a in st.plan.assignments if st.plan is not None else ():
             before = prev.wanted.get(a.tid) if prev else None
-            r = self.pin(st, a, quiet=True, ops=ops)
+            r = self._pin_listed(st, a, ops, fast, None) if fast else self.pin(st, a, quiet=True, ops=ops)
             if before is not None and before.cpus == a.cpus:
                 bulk.moved(a, r.before, r)
             else:
@@ -134,23 +159,10 @@ class Pinner:
             return []  # the usual rescan: nothing to ask the VM's owner
         bulk = Bulk(st)
         ops = self.router.ops_for(st.vm)
-        # Putting back thousands of threads (a reload after a host-wide taskset) at the cost of
-        # two syscalls each; anything but a clean pin goes the whole way below, said and counted.
-        fast = getattr(ops, "set_listed", None) if listed and not self.dry_run else None
-        name = str(getattr(ops, "name", ""))
+        fast = self._fast(ops, listed)
         for a, now in drifted:
-            if fast is not None and a.tid not in st.blocked:
-                try:
-                    after = fast(a.tid, a.cpus)
-                except OSError:
-                    after = None
-                if after == a.cpus.cpus:
-                    r = PinResult(a, Outcome.PINNED, now, a.cpus, via=name)
-                    self.stats.pins[Outcome.PINNED] += 1
-                    self._took(st, r)
-                    bulk.moved(a, now, r)
-                    continue
-            bulk.moved(a, now, self.pin(st, a, quiet=True, ops=ops, before=now))
+            bulk.moved(a, now, self._pin_listed(st, a, ops, fast, now) if fast else
+                       self.pin(st, a, quiet=True, ops=ops, before=now))
         st.dirty = True
         for failed in list(st.failed.values()):
             bulk.add(self.pin(st, failed.assignment, quiet=True, ops=ops))

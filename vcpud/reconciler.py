@@ -225,7 +225,7 @@ class Reconciler:
                                       save=reason is ScanReason.STARTUP and bool(self.allocations))
         pins: list[PinResult] = []
         for vm in arrival_order(found.vms):
-            pins += self._apply_vm(vm, decisions.get(vm.key, PoolDecision()))
+            pins += self._apply_vm(vm, decisions.get(vm.key, PoolDecision()), listed=True)
         replan = reason in (ScanReason.RELOAD, ScanReason.TOPOLOGY)
         for pid, r in kept.items():
             pins += self._settle(self.vms[pid], r, decisions.get(r.vm.key, PoolDecision()), replan)
@@ -243,7 +243,7 @@ class Reconciler:
             st.vm, st.dirty = r.vm, True
         policy = self.config.select(st.vm) if replan else st.policy
         if decision != st.decision or not same_rules(policy, st.policy) or (replan and self._inputs_changed):
-            return self._apply_vm(st.vm, decision)
+            return self._apply_vm(st.vm, decision, r.listed)
         for t in r.new:
             self._place_thread(st, t)
         return self.pinner.put_back(st, r.drifted, listed=r.listed)
@@ -315,7 +315,7 @@ class Reconciler:
         else:
             self.not_vm.add(tgid)
 
-    def _apply_vm(self, vm: VM, decision: PoolDecision) -> list[PinResult]:
+    def _apply_vm(self, vm: VM, decision: PoolDecision, listed: bool = False) -> list[PinResult]:
         prev = self.vms.get(vm.pid)
         if prev is not None and prev.vm.key != vm.key:
             prev = None  # the PID was reused by another process
@@ -324,7 +324,7 @@ class Reconciler:
         self.starting.pop(vm.pid, None)  # it shows a guest now
         st.plan = plan_vm(vm, policy, self.online, self.config, decision, self.isolated)
         say_plan(st, prev)
-        results = self.pinner.pin_plan(st, prev)
+        results = self.pinner.pin_plan(st, prev, listed)
         self.vms[vm.pid] = st
         self.changed = True
         if policy is not None and not st.complete and st.followup < len(FOLLOWUP_DELAYS):

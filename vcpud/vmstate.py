@@ -146,7 +146,7 @@ class Bulk:
         threads put back. Returns how many were put back (drift corrections)."""
         vm, policy = self.st.vm, self.st.policy.name if self.st.policy else None
         groups: dict[CpuSet, list[PinResult]] = {}
-        for r in self._pinned:
+        for r in self._pinned if log.isEnabledFor(logging.INFO) else ():  # `vcpud apply` says it itself
             groups.setdefault(r.assignment.cpus, []).append(r)
         for cpus, rs in groups.items():
             via = {r.via for r in rs} - {"sched_setaffinity", ""}

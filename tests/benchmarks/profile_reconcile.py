@@ -1,6 +1,6 @@
 """Profile the reconciler in-process on real paused guests (root; prints timings and cProfile tops).
 
-    python3 -m tests.benchmarks.profile_reconcile [--vms 30] [--profile startup,periodic,reload]
+    python3 -m tests.benchmarks.profile_reconcile [--vms 30] [--profile startup,periodic,reload,apply] [--rounds N]
 
 Each pass is timed as the daemon times it (Reconciler.rescan / reload); with --profile the
 named passes are run again under cProfile and the top functions by cumulative time printed.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import contextlib
 import io
 import logging
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from tests.qemu import RUN, Guest, start_guest
+from vcpud import cli
 from vcpud.activity import Stats
 from vcpud.config import load_config
 from vcpud.holdings import FileStore
@@ -96,7 +98,7 @@ def rounds(rec: Reconciler, guests: list[Guest], reload: Callable[[], object], n
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vms", type=int, default=30)
-    ap.add_argument("--profile", default="", help="comma-separated: startup,periodic,reload")
+    ap.add_argument("--profile", default="", help="comma-separated: startup,periodic,reload,apply")
     ap.add_argument("--rounds", type=int, default=1,
                     help="more rounds of periodic rescan + drift + reload: min and median CPU (a busy host)")
     args = ap.parse_args()
@@ -116,7 +118,14 @@ def main() -> None:
             print(f"{args.vms} guests, {nthreads} threads")
             for g in guests:
                 g.unpin()
-            for p in (False, True) if prof else (False,):
+            if "apply" in prof:  # `vcpud apply` in this process (imports done): every thread to pin
+                def apply() -> None:
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        cli.main(["apply", "-c", str(cfg)])
+                timed("vcpud apply, in-process", apply, True)
+                for g in guests:
+                    g.unpin()
+            for p in (False, True) if prof - {"apply"} else (False,):
                 rec = Reconciler(config, topo.online, Procfs(), OsAffinity(), FileStore(tmp / "state.json"),
                                  topology=topo, stats=Stats())
                 rec.trust_events = True  # as in the daemon, with the proc connector

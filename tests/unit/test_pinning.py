@@ -1,9 +1,16 @@
 import errno
+import os
+import threading
 
+import pytest
+
+from vcpud.activity import Stats
 from vcpud.cpuset import CpuSet
-from vcpud.discovery import Role
-from vcpud.pinning import Outcome, pin_one
-from vcpud.placement import Assignment
+from vcpud.discovery import VM, Role, Smp
+from vcpud.pinner import Pinner
+from vcpud.pinning import Direct, OsAffinity, Outcome, pin_one
+from vcpud.placement import Assignment, VMPlan
+from vcpud.vmstate import VMState
 
 C = CpuSet.parse
 
@@ -63,18 +70,22 @@ def test_dry_run_changes_nothing():
     assert r.outcome is Outcome.PLANNED and ops.sets == [] and r.outcome.ok
 
 
-def test_put_back_of_listed_threads_pins_real_threads_and_sends_the_rest_the_whole_way():
-    """The re-check's fast path on real threads of this process: two syscalls each, read back;
-    a thread that exited in between goes the whole way and is found gone, not pinned."""
-    import os
-    import threading
+class Recording(OsAffinity):
+    """The real actuator, noting the pins that went the whole way (checked against /proc first)."""
 
-    from vcpud.activity import Stats
-    from vcpud.discovery import VM, Smp
-    from vcpud.pinner import Pinner
-    from vcpud.pinning import Direct, OsAffinity
-    from vcpud.vmstate import VMState
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow: list[int] = []
 
+    def set(self, pid: int, tid: int, cpus: CpuSet) -> None:
+        self.slow.append(tid)
+        super().set(pid, tid, cpus)
+
+
+@pytest.fixture
+def live_threads():
+    """Two live threads of this process and the TID of one that has exited (TIDs are reused
+    only after pid_max other tasks were created)."""
     stop = threading.Event()
     tids: list[int] = []
     started = threading.Barrier(3)
@@ -88,38 +99,64 @@ def test_put_back_of_listed_threads_pins_real_threads_and_sends_the_rest_the_who
     for w in workers:
         w.start()
     started.wait()
+    exited: list[int] = []
+    t = threading.Thread(target=lambda: exited.append(threading.get_native_id()))
+    t.start()
+    t.join()
     try:
-        cpus = sorted(os.sched_getaffinity(0))
-        here, there = C(str(cpus[0])), C(str(cpus[-1]))
-        for tid in tids:
-            os.sched_setaffinity(tid, there.cpus)  # "drifted"
-        exited: list[int] = []
-        t = threading.Thread(target=lambda: exited.append(threading.get_native_id()))
-        t.start()
-        t.join()
-        gone = exited[0]  # a thread that was there and exited (TIDs are reused only after pid_max others)
-        vm = VM(pid=os.getpid(), starttime=1, exe="/usr/bin/python3", cmdline=(), uid=0, user="root", name="t",
-                uuid=None, smp=Smp(cpus=2), threads=(), debug_threads=True)
-        st = VMState(vm=vm, policy=None)
-        stats = Stats()
-        drifted = [(Assignment(pid=vm.pid, tid=t, label=f"vcpu {i}", role=Role.VCPU, cpus=here, rule="vcpupin"), there)
-                   for i, t in enumerate([*tids, gone])]
-
-        class Recording(OsAffinity):
-            def set(self, pid: int, tid: int, cpus: CpuSet) -> None:
-                slow.append(tid)  # the whole way: checked against /proc/PID/task first
-                super().set(pid, tid, cpus)
-
-        slow: list[int] = []
-        results = Pinner(Direct(Recording()), stats).put_back(st, drifted, listed=True)
-        assert slow == [gone]
-        assert [r.outcome for r in results] == [Outcome.PINNED, Outcome.PINNED, Outcome.VANISHED]
-        assert all(CpuSet.of_kernel(os.sched_getaffinity(t)) == here for t in tids)
-        assert results[0].before == there and results[0].after == here and results[0].via == "sched_setaffinity"
-        assert stats.pins[Outcome.PINNED] == 2 and stats.pins[Outcome.VANISHED] == 1
-        assert set(st.wanted) == set(tids) and gone not in st.failed
-        assert stats.drift_corrections == (2 if len(cpus) > 1 else 0)
+        yield tids, exited[0]
     finally:
         stop.set()
         for w in workers:
             w.join()
+
+
+def live_vm() -> VMState:
+    vm = VM(pid=os.getpid(), starttime=1, exe="/usr/bin/python3", cmdline=(), uid=0, user="root", name="t",
+            uuid=None, smp=Smp(cpus=2), threads=(), debug_threads=True)
+    return VMState(vm=vm, policy=None)
+
+
+def assignment(tid: int, i: int, cpus: CpuSet) -> Assignment:
+    return Assignment(pid=os.getpid(), tid=tid, label=f"vcpu {i}", role=Role.VCPU, cpus=cpus, rule="vcpupin")
+
+
+def test_put_back_of_listed_threads_pins_real_threads_and_sends_the_rest_the_whole_way(live_threads):
+    """The re-check's fast path on real threads of this process: two syscalls each, read back;
+    a thread that exited in between goes the whole way and is found gone, not pinned."""
+    tids, gone = live_threads
+    cpus = sorted(os.sched_getaffinity(0))
+    here, there = C(str(cpus[0])), C(str(cpus[-1]))
+    for tid in tids:
+        os.sched_setaffinity(tid, there.cpus)  # "drifted"
+    st, stats, ops = live_vm(), Stats(), Recording()
+    drifted = [(assignment(t, i, here), there) for i, t in enumerate([*tids, gone])]
+    results = Pinner(Direct(ops), stats).put_back(st, drifted, listed=True)
+    assert ops.slow == [gone]
+    assert [r.outcome for r in results] == [Outcome.PINNED, Outcome.PINNED, Outcome.VANISHED]
+    assert all(CpuSet.of_kernel(os.sched_getaffinity(t)) == here for t in tids)
+    assert results[0].before == there and results[0].after == here and results[0].via == "sched_setaffinity"
+    assert stats.pins[Outcome.PINNED] == 2 and stats.pins[Outcome.VANISHED] == 1
+    assert set(st.wanted) == set(tids) and gone not in st.failed
+    assert stats.drift_corrections == (2 if len(cpus) > 1 else 0)
+
+
+def test_a_plan_for_threads_just_listed_is_pinned_in_two_syscalls_a_thread(live_threads):
+    tids, gone = live_threads
+    cpus = sorted(os.sched_getaffinity(0))
+    here, there = C(str(cpus[0])), C(str(cpus[-1]))
+    os.sched_setaffinity(tids[0], here.cpus)  # already where the plan wants it
+    os.sched_setaffinity(tids[1], there.cpus)
+    st, stats, ops = live_vm(), Stats(), Recording()
+    st.plan = VMPlan(vm=st.vm, policy="p", assignments=tuple(assignment(t, i, here) for i, t in
+                                                              enumerate([*tids, gone])))
+    results = Pinner(Direct(ops), stats).pin_plan(st, None, listed=True)
+    assert ops.slow == []  # the gone one fails its first read: nothing to set
+    pinned = Outcome.PINNED if len(cpus) > 1 else Outcome.UNCHANGED
+    assert [r.outcome for r in results] == [Outcome.UNCHANGED, pinned, Outcome.VANISHED]
+    assert all(CpuSet.of_kernel(os.sched_getaffinity(t)) == here for t in tids)
+    assert set(st.wanted) == set(tids)
+    # Not listed just now (a plan from an older read): every change goes the whole way.
+    os.sched_setaffinity(tids[1], there.cpus)
+    Pinner(Direct(ops), stats).pin_plan(st, None, listed=False)
+    assert ops.slow == ([tids[1]] if len(cpus) > 1 else [])
