@@ -53,7 +53,9 @@ def inline(text: str) -> str:
     for m in _INLINE.finditer(text):
         out.append(escape(text[pos:m.start()]))
         bold, italic = m.group(1), m.group(2)
-        out.append(f"\\fB{escape(bold)}\\fR" if bold is not None else f"\\fI{escape(italic)}\\fR")
+        # \% keeps groff from hyphenating the word: an option or a path must stay whole.
+        words = " ".join("\\%" + escape(w) for w in (bold if bold is not None else italic).split(" "))
+        out.append(f"\\fB{words}\\fR" if bold is not None else f"\\fI{words}\\fR")
         pos = m.end()
     rest = text[pos:]
     if "`" in rest:

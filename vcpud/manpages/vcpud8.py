@@ -244,6 +244,15 @@ def _prose(command: str, opt: Option) -> str:
     raise LookupError(f"no man page text for option {opt.key} of `vcpud {command}`")
 
 
+def _check_unused(cmds: dict[str, argparse.ArgumentParser], common_users: dict[str, list[str]]) -> None:
+    """Text for a command or option the parser does not have is an error too: the page would lie."""
+    unused = [f"command {c}" for c in COMMANDS if c not in cmds]
+    unused += [f"option {o} of {c}" for c, o in OPTIONS if c not in cmds or o not in {x.key for x in options(cmds[c])}]
+    unused += [f"common option {o}" for o in COMMON if o != "--help" and o not in common_users]
+    if unused:
+        raise LookupError(f"man page text for what the parser does not have: {', '.join(unused)}")
+
+
 def render(parser: argparse.ArgumentParser, date: str, version: str) -> str:
     cmds = commands(parser)
     out = [roff.title(NAME, "8", date, f"vcpud {version}", "System Administration"), roff.heading("NAME"),
@@ -268,9 +277,7 @@ def render(parser: argparse.ArgumentParser, date: str, version: str) -> str:
             for opt in own:
                 out += roff.tagged(opt.tag(), OPTIONS[(name, opt.key)])
             out += [".RE"]
-    unknown = set(COMMANDS) - set(cmds)
-    if unknown:
-        raise LookupError(f"man page text for commands the parser does not have: {sorted(unknown)}")
+    _check_unused(cmds, common_users)
     out.append(roff.heading("COMMON OPTIONS"))
     out += roff.paragraphs("Options that several commands take, after the command's name:")
     spelled = {o.key: o for p in cmds.values() for o in options(p)}

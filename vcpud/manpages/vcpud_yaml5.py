@@ -134,7 +134,8 @@ spans nodes; `single` keeps it in one node or does not place it (see `on_exhaust
 over the pool's nodes.""",
         default="any"),
     Key("vcpus.cache", "`any` | `l3`", """\
-With `l3`, prefer CPUs that share one L3 cache (exclusive pools only).""",
+How dedicated CPUs follow the host's caches (exclusive pools only): `any` ignores them; `l3` prefers CPUs \
+that share one L3 cache, when the VM fits in one.""",
         default="any"),
     Key("emulatorpin", "<CPUS> | {pool: <NAME>} | {isolate: <BOOL>}", """\
 The emulator threads: QEMU's main loop and its helper threads (everything that is not a vCPU, IO thread, \
