@@ -47,7 +47,8 @@ COMMANDS: dict[str, str] = {
 Show the host's CPU topology as the kernel's sysfs describes it: sockets, cores, SMT siblings, NUMA nodes, \
 caches, online and isolated CPUs. It reads no configuration.""",
     "check": """\
-Load the configuration and check it against this host's online CPUs, without touching any VM. It prints \
+Load the configuration and check it against this host's online CPUs (or those of `--sysroot`), without \
+touching any VM. It prints \
 `<FILE>: OK, <N> policies, <M> pools` (every file read, the included ones too) and exits 0, or prints every \
 error it finds, each as `<FILE>:<LINE>:<COL>: <message>`, and exits 2. A missing configuration file is an \
 error.""",
