@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 export DEBIAN_FRONTEND=noninteractive
 need=(qemu-system-x86 qemu-utils libsystemd-dev pkg-config gcc python3-dev python3-venv util-linux systemd-container prometheus systemd
-      libvirt-daemon-system libvirt-clients libvirt-dev)
+      libvirt-daemon-system libvirt-clients libvirt-dev
+      groff-base man-db zsh)
 missing=()
 for p in "${need[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
