@@ -724,7 +724,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = command("demo", "start three tiny guests and show vcpud pinning them (about 30 s, as root)")
-    p.add_argument("--pace", type=float, default=3.0, metavar="SECONDS", help="pause between steps (0: none)")
+    p.add_argument("--pace", type=float, default=3.0, metavar="SECONDS",
+                   help="pause for the reader between steps (default 3; 0: none)")
     p.set_defaults(func=cmd_demo)
 
     p = command("ps", "list VMs, their threads, roles and affinities")

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable, TypeVar
 
 from .cpuset import CpuSet
-from .demoprocs import (STOP_SIGNALS, Child, Children, NotifySocket, Qmp, QmpError, affinity, guest_argv, has_vcpus,
-                        kvm_unusable, other_daemons, processes_mentioning, threads_named)
+from .demoprocs import (STOP_SIGNALS, Child, Children, affinity, guest_argv, has_vcpus, kvm_unusable,
+                        other_daemons, processes_mentioning, threads_named)
+from .qmp import Qmp, QmpError
+from .sdnotify import NotifyListener
 
 if TYPE_CHECKING:
     from .config import Config
@@ -94,6 +96,14 @@ def layout(cpus: CpuSet) -> Layout:
     rest = c[1:split] or c[:1]
     return Layout(housekeeping=c[0], fixed=tuple(rest[i % len(rest)] for i in range(PINNED_MAXCPUS)),
                   floating=CpuSet.of(rest), pool=CpuSet.of(c[split:]))
+
+
+def guest_smp(role: Role, lay: Layout) -> str:
+    """The guest's -smp: the pinned one has room for a hot-plugged vCPU; the dedicated one as
+    many vCPUs as its pool has CPUs, up to 2."""
+    if role is Role.PINNED:
+        return f"{PINNED_VCPUS},maxcpus={PINNED_MAXCPUS}"
+    return str(lay.dedicated_vcpus) if role is Role.DEDICATED else "2"
 
 
 def usable_cpus(topo: Topology) -> CpuSet:
@@ -253,7 +263,7 @@ class Demo:
         self.guests: dict[Role, Child] = {}
         self.daemon: Child | None = None
         self.daemon_log: Path | None = None
-        self.notify: NotifySocket | None = None
+        self.notify: NotifyListener | None = None
         self.qmp: Qmp | None = None
         self.kvm = True
         self.cpus = CpuSet()      # what the demo may use
@@ -390,8 +400,7 @@ class Demo:
         assert self.run is not None
         run = self.run
         self.step("three guests, paused before their first instruction (-S): 64 MiB, no disk, no devices")
-        smp = {Role.PINNED: f"{PINNED_VCPUS},maxcpus={PINNED_MAXCPUS}", Role.DEDICATED: str(lay.dedicated_vcpus),
-               Role.FLOATING: "2"}
+        smp = {role: guest_smp(role, lay) for role in Role}
         for role, s in smp.items():
             extra = ["-qmp", f"unix:{run.workdir}/qmp-{role}.sock,server=on,wait=off"]
             child = self.children.start(f"guest {run.name(role)}", guest_argv(qemu, run.name(role), s, self.kvm, extra),
@@ -423,7 +432,7 @@ class Demo:
         """`vcpud run` on the demo's config; seconds until it said READY=1."""
         assert self.run is not None
         cfg = self.run.workdir / "vcpud.yaml"
-        self.notify = NotifySocket(self.run.workdir / "notify.sock")
+        self.notify = NotifyListener(self.run.workdir / "notify.sock")
         env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "WATCHDOG_USEC", "WATCHDOG_PID")}
         env["NOTIFY_SOCKET"] = str(self.notify.path)
         self.daemon_log = self.run.workdir / "vcpud.log"
@@ -432,8 +441,8 @@ class Demo:
         # SIGTERM if the demo dies: the daemon stops within a second, leaving the pins
         self.daemon = self.children.start("vcpud run", argv, self.daemon_log, signal.SIGTERM, env=env)
         t0 = time.monotonic()
-        if not self.notify.wait_ready(lambda: self.daemon is not None and self.daemon.proc.poll() is None,
-                                      STEP_TIMEOUT):
+        if self.notify.wait_for(lambda m: m.get("READY") == "1", STEP_TIMEOUT,
+                                alive=lambda: self.daemon is not None and self.daemon.proc.poll() is None) is None:
             raise StepFailed(f"vcpud run (pid {self.daemon.pid}) did not get ready: "
                              f"{self.alive() or f'not within {STEP_TIMEOUT:.0f} s'}")
         took = time.monotonic() - t0
@@ -448,13 +457,13 @@ class Demo:
         self.step(f"hot-plug vCPU {HOTPLUGGED} into {name} through QMP (device_add): "
                   f"policy {role} wants it on CPU {want}")
         self.qmp = Qmp(self.run.workdir / f"qmp-{role}.sock")
-        free = [c for c in self.qmp.call("query-hotpluggable-cpus") if "qom-path" not in c]
+        free = [c for c in self.qmp.cmd("query-hotpluggable-cpus") if "qom-path" not in c]
         if not free:
             raise StepFailed(f"{name} has no free vCPU slot (query-hotpluggable-cpus)")
         slot = sorted(free, key=lambda c: sorted(c["props"].items()))[0]
         born = affinity(pid)  # QEMU's main thread creates the vCPU thread: it starts with these CPUs
         t0 = time.monotonic()
-        self.qmp.call("device_add", driver=slot["type"], id=f"cpu{HOTPLUGGED}", **slot["props"])
+        self.qmp.cmd("device_add", driver=slot["type"], id=f"cpu{HOTPLUGGED}", **slot["props"])
 
         def pinned() -> int | None:
             tid = next((t for c, t in threads_named(pid).items() if c.startswith(f"CPU {HOTPLUGGED}/")), None)

@@ -1,21 +1,17 @@
 """What `vcpud demo` starts and must stop: tiny qemu guests and the daemon as children that die
-with it, QMP to hot-plug a vCPU, the sd_notify socket the daemon says READY on; and how the demo
-looks at processes from outside (thread names, affinities, command lines)."""
+with it; and how the demo looks at processes from outside (thread names, affinities, command
+lines)."""
 
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import signal
-import socket
 import subprocess
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from .cpuset import CpuSet
 
@@ -175,100 +171,3 @@ class Children:
         for child in reversed(self.started):
             self.stop(child)
         return list(self.started)
-
-
-class NotifySocket:
-    """The service manager's side of sd_notify(3): the daemon says READY=1 and its STATUS= here.
-
-    Read all the time, as systemd does: the daemon sends STATUS= after every rescan, and once the
-    socket's queue is full its next sd_notify() blocks, and with it the daemon's loop.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.1)
-        self.ready = threading.Event()
-        self.status = ""
-        self._stop = threading.Event()
-        self._reader = threading.Thread(target=self._read, name="sd_notify", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            for line in data.decode(errors="replace").split("\n"):
-                if line == "READY=1":
-                    self.ready.set()
-                elif line.startswith("STATUS="):
-                    self.status = line.removeprefix("STATUS=")
-
-    def wait_ready(self, alive: Callable[[], bool], timeout: float) -> bool:
-        """Whether READY=1 came within ``timeout`` while ``alive()``."""
-        deadline = time.monotonic() + timeout
-        while alive() and time.monotonic() < deadline:
-            if self.ready.wait(0.05):
-                return True
-        return self.ready.is_set()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._reader.join(timeout=2)
-        self.sock.close()
-
-
-class QmpError(Exception):
-    pass
-
-
-class Qmp:
-    """A QMP client over qemu's unix socket, enough for query-hotpluggable-cpus and device_add."""
-
-    def __init__(self, path: Path, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:  # qemu creates the socket while it starts
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                sock.connect(str(path))
-                break
-            except OSError as e:
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise QmpError(f"cannot connect to QMP at {path}: {e}") from None
-                time.sleep(0.02)
-        sock.settimeout(timeout)
-        self.sock = sock
-        self.buf = b""
-        self._message()  # the greeting
-        self.call("qmp_capabilities")
-
-    def _message(self) -> dict[str, Any]:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise QmpError("qemu closed the QMP connection")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        msg = json.loads(line)
-        if not isinstance(msg, dict):
-            raise QmpError(f"not a QMP message: {line[:200]!r}")
-        return msg
-
-    def call(self, command: str, **arguments: Any) -> Any:
-        self.sock.sendall(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n")
-        while True:
-            msg = self._message()
-            if "return" in msg:
-                return msg["return"]
-            if "error" in msg:
-                raise QmpError(f"{command}: {msg['error'].get('desc', msg['error'])}")
-            # an asynchronous event: not what we wait for
-
-    def close(self) -> None:
-        self.sock.close()
