@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -146,9 +147,9 @@ def config_text(run: Run, lay: Layout) -> str:
         pinned = f"    vcpupin: {{{pin}}}\n    emulatorpin: {hk:<20}# QEMU's own threads elsewhere\n"
     else:
         pinned = (f"    vcpupin: {{{pin}}}\n"
-                  f"    # no emulatorpin: on CPU {lay.housekeeping}, the vCPUs' CPU, a vCPU hot-plugged later\n"
-                  "    # would be born pinned (a thread starts with the CPUs of the thread that creates it:\n"
-                  "    # QEMU's main thread)\n")
+                  f"    # no emulatorpin: it would be CPU {lay.housekeeping}, the vCPUs' CPU, and a vCPU hot-plugged\n"
+                  "    # later would be born pinned (a new thread starts with the CPUs of the thread that\n"
+                  "    # makes it, QEMU's main thread)\n")
     if lay.pool:
         pools = f'pools:\n  dedicated: {{cpus: "{lay.pool.format()}", exclusive: true}}   # a CPU to one VM at most\n'
         dedicated = "    vcpus: {pool: dedicated}\n"
@@ -221,6 +222,24 @@ def off_policy(plans: list[VMPlan], expected: int) -> str | None:
     return None
 
 
+def plans_of(config: Config, topo: Topology, pids: list[int]) -> list[VMPlan]:
+    """What `vcpud ps` shows for these processes (the demo's guests only: the host may run others)."""
+    from .discovery import scan
+    from .holdings import FileStore, load_priors
+    from .placement import arrival_order, plan
+    from .procfs import Procfs
+
+    vms = arrival_order(scan(Procfs(), config.executables, pids=pids).vms)
+    priors = load_priors(config, FileStore(config.state_file), vms, topo.online, topo)
+    return list(plan(config, vms, topo.online, topo, priors).vms)
+
+
+def last_line(path: Path, pattern: str) -> str | None:
+    """The last line of the file at ``path`` matching regex ``pattern``."""
+    found = [ln for ln in path.read_text(errors="replace").splitlines() if re.search(pattern, ln)]
+    return found[-1] if found else None
+
+
 def write_private(path: Path, text: str) -> None:
     """A new file only root reads, whatever the umask."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -288,10 +307,7 @@ class Demo:
 
     def daemon_says(self, pattern: str) -> str | None:
         """The daemon's last log line matching ``pattern``."""
-        if self.daemon_log is None:
-            return None
-        found = [ln for ln in self.daemon_log.read_text(errors="replace").splitlines() if re.search(pattern, ln)]
-        return found[-1] if found else None
+        return last_line(self.daemon_log, pattern) if self.daemon_log is not None else None
 
     def alive(self) -> str | None:
         """What died of what the demo started, with the end of its output (None: all alive)."""
@@ -387,10 +403,11 @@ class Demo:
         _, took = wait_for("every thread where its policy wants it",
                            lambda: None if off_policy(self.plans(config, topo), len(self.guests)) else True,
                            alive=self.alive)
-        self.say(f"   ready after {ready:.2f} s (it pins what it finds before it says READY=1); "
-                 f"every thread where its policy wants it, seen from here {took * 1000:.0f} ms later")
+        self.say(f"   ready after {ready:.2f} s: it pins the VMs it finds before it says READY=1")
+        self.say(f"   every thread where its policy wants it, seen from here {took * 1000:.0f} ms later")
         self.step(f"`vcpud ps --config {cfg_path}` now (this run's guests only)")
         self.show_ps(config, topo)
+        self.say("   (PSR: the CPU a thread last ran on; one that has not run since it was pinned shows the old one)")
         self.hotplug(lay)
         self.drift(lay)
         self.metrics()
@@ -402,9 +419,12 @@ class Demo:
         self.step("three guests, paused before their first instruction (-S): 64 MiB, no disk, no devices")
         smp = {role: guest_smp(role, lay) for role in Role}
         for role, s in smp.items():
-            extra = ["-qmp", f"unix:{run.workdir}/qmp-{role}.sock,server=on,wait=off"]
-            child = self.children.start(f"guest {run.name(role)}", guest_argv(qemu, run.name(role), s, self.kvm, extra),
-                                        run.workdir / f"qemu-{role}.log", signal.SIGKILL)
+            argv = guest_argv(qemu, run.name(role), s, self.kvm,
+                              ["-qmp", f"unix:{run.workdir}/qmp-{role}.sock,server=on,wait=off"])
+            if role is Role.PINNED:
+                self.say(f"   $ {shlex.join(argv)}")
+            child = self.children.start(f"guest {run.name(role)}", argv, run.workdir / f"qemu-{role}.log",
+                                        signal.SIGKILL)
             self.guests[role] = child
             self.say(f"   started guest {run.name(role)} (pid {child.pid}): -smp {s}")
         for role, s in smp.items():
@@ -412,16 +432,7 @@ class Demo:
             wait_for(f"the vCPU threads of {run.name(role)}", functools.partial(has_vcpus, pid, n), alive=self.alive)
 
     def plans(self, config: Config, topo: Topology) -> list[VMPlan]:
-        """What `vcpud ps` shows for this run's guests (only those: the host may run others)."""
-        from .discovery import scan
-        from .holdings import FileStore, load_priors
-        from .placement import arrival_order, plan
-        from .procfs import Procfs
-
-        found = scan(Procfs(), config.executables, pids=[g.pid for g in self.guests.values()])
-        vms = arrival_order(found.vms)
-        priors = load_priors(config, FileStore(config.state_file), vms, topo.online, topo)
-        return list(plan(config, vms, topo.online, topo, priors).vms)
+        return plans_of(config, topo, [g.pid for g in self.guests.values()])
 
     def show_ps(self, config: Config, topo: Topology) -> None:
         from .cli import ps_table

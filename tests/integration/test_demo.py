@@ -64,8 +64,9 @@ def running(pid: int, marker: str) -> bool:
 class DemoRun:
     """`vcpud demo` as a subprocess, its output read as it comes."""
 
-    def __init__(self, pace: str = "0") -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "vcpud", "demo", "--pace", pace],
+    def __init__(self, pace: str = "0", code: str | None = None) -> None:
+        argv = ["-c", code] if code else ["-m", "vcpud", "demo", "--pace", pace]
+        self.proc = subprocess.Popen([sys.executable, *argv],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
         self.marker = f"vcpud-demo-{self.proc.pid}-"
@@ -129,8 +130,8 @@ def demos():
     need_host()
     made: list[DemoRun] = []
 
-    def start(pace: str = "0") -> DemoRun:
-        d = DemoRun(pace)
+    def start(pace: str = "0", code: str | None = None) -> DemoRun:
+        d = DemoRun(pace, code)
         made.append(d)
         return d
 
@@ -190,7 +191,7 @@ def test_demo_shows_each_step_and_leaves_nothing_running(demos):
     assert len(before) >= 3 * 4 and len(after) == len(before), out
     assert any(r[4] == "!" for r in before), "before the daemon runs, threads are not where the policy wants"
     assert not [r for r in after if r[4] == "!"], "with the daemon running, every thread is"
-    assert re.search(r"ready after [\d.]+ s .* every thread where its policy wants it", out), out
+    assert re.search(r"ready after [\d.]+ s: .*\n   every thread where its policy wants it", out), out
 
     m = re.search(r"new thread CPU 2 \(tid (\d+)\), born on CPUs (\S+), pinned to CPU (\S+) [\d.]+ ms after "
                   r"device_add", out)
@@ -219,6 +220,28 @@ def test_demo_shows_each_step_and_leaves_nothing_running(demos):
     if state_before is not None and state_after is not None:
         assert (state_before.st_ino, state_before.st_mtime_ns) == (state_after.st_ino, state_after.st_mtime_ns)
     print(out)
+
+
+# The demo as `vcpud demo --pace 0` runs it, on a host where /dev/kvm cannot be used.
+WITHOUT_KVM = """\
+import sys
+from vcpud import demo
+demo.kvm_unusable = lambda: "switched off by the test"
+sys.exit(demo.main(0))
+"""
+
+
+def test_without_kvm_the_guests_run_on_tcg_and_it_says_so(demos):
+    d = demos(code=WITHOUT_KVM)
+    rc = d.finish()
+    out = d.text()
+    assert rc == 0, d.report()
+    assert "accelerator TCG (no KVM: switched off by the test)" in out
+    assert " -accel tcg,thread=multi " in out and "-accel kvm" not in out
+    assert re.search(r"vcpu 0 .* CPU 0/TCG$", out, re.M), "the guests' vCPU threads are TCG's"
+    assert re.search(r"new thread CPU 2 \(tid \d+\), born on CPUs \S+, pinned to CPU", out)
+    assert re.search(r"put back on CPU \S+ [\d.]+ s later", out)
+    assert marked(d.marker) == {}
 
 
 @pytest.mark.parametrize("sig, when", [
