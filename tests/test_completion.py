@@ -340,13 +340,14 @@ def zsh_options() -> dict[str, set[str]]:
     """The options each command's _arguments spec names, read from the file."""
     text = ZSH_SCRIPT.read_text()
     spec = r"(--?[a-z][a-z-]*)[=+]?(?=\[|,[^ ]|\})"  # an option at the start of a spec, not in a description
-    groups = {name: set(re.findall(spec, re.search(rf"local -a {name}=\((.*?)\n\s*\)?\n", text, re.S).group(1)))
+    groups = {name: set(re.findall(spec, re.search(rf"local -a {name}=\((.*?)\)\n", text, re.S).group(1)))
               for name in ("help", "config", "common")}
     groups["common"] |= groups["help"] | {"--log-level"}
     out = {}
     for command, body in re.findall(r"^ {8}([a-z]+)\)\n(.*?);;", text, re.M | re.S):
         config = groups["config"] if "$config" in body else set()
-        out[command] = set(re.findall(spec, body)) | groups["common"] | config
+        shared = groups["common"] if "$common" in body else groups["help"] if "$help" in body else set()
+        out[command] = set(re.findall(spec, body)) | shared | config
     return out
 
 

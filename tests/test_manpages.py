@@ -219,7 +219,7 @@ def test_every_command_and_no_other_is_documented(pages):
     commands = vcpud8.commands(parser)
     sec = sections(pages["vcpud.8"])
     assert [i.tag for i in sec["COMMANDS"].items] == [f"vcpud {c}" for c in commands]
-    assert set(commands) == {"topology", "check", "apply", "plan", "run", "ps"}  # the hidden hook is no command
+    assert set(commands) == {"topology", "check", "apply", "plan", "run", "demo", "ps"}  # the hidden hook is none
 
 
 def test_every_option_of_every_command_and_no_other_is_documented(pages):
