@@ -186,11 +186,11 @@ def reload_after_drift(d: DaemonProc, port: int, tids: dict[int, int]) -> tuple[
     drift(tids)
     d.hup()
     deadline = time.monotonic() + 120
-    while (now := [scrape(port)[k] for k in RECONCILES])[2] == r0:
+    while (now := list(map(scrape(port).get, RECONCILES)))[2] == r0:  # all three from one scrape
         if time.monotonic() > deadline:
             raise RuntimeError(f"no reload in 120 s:\n{d.log()[-3000:]}")
         time.sleep(0.05)
-    return now[0] - (s0 or 0), int(now[1] - (c0 or 0)), misplaced(tids)
+    return (now[0] or 0) - (s0 or 0), int((now[1] or 0) - (c0 or 0)), misplaced(tids)
 
 
 def forks() -> int:
