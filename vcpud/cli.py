@@ -729,6 +729,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vcpud: error: {len(argv)} arguments are too many (at most {MAX_ARGS}; "
               f"at most {MAX_WHAT_IF} --what-if VMs)", file=sys.stderr)
         return EXIT_CONFIG
+    if argv[:1] == ["__complete"]:  # a question from packaging/completion/, not a command
+        from .completion import main as complete
+        return complete(argv[1:])
     args = build_parser().parse_args(argv)
     args.log_level = args.log_level or ("info" if args.command == "run" else "warning")
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="vcpud: %(levelname)s: %(message)s")
