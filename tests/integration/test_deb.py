@@ -55,6 +55,17 @@ reqs = [r for r in m.requires("vcpud") if "extra ==" not in r]
 print(json.dumps([vcpud.__file__, prometheus_client.__file__,
                   [(r, m.version(re.split("[ ;<>=!~]", r)[0])) for r in reqs]]))
 """
+# In an interactive login bash (/etc/profile.d/bash_completion.sh loads bash-completion): what the
+# on-demand loader finds for vcpud, then its completions of `vcpud <TAB>`.
+COMPLETE = """\
+_completion_loader vcpud
+spec=$(complete -p vcpud) || exit 3
+echo "$spec"
+f=$(sed -n 's/.*-F \\([^ ]*\\) .*/\\1/p' <<<"$spec")
+COMP_WORDS=(vcpud ""); COMP_CWORD=1; COMP_LINE="vcpud "; COMP_POINT=6
+"$f" vcpud "" vcpud
+printf '%s\\n' "${COMPREPLY[@]}"
+"""
 CONFIG = """\
 # written by tests/integration/test_deb.py, as an admin would
 rescan_interval: 500ms
@@ -208,8 +219,11 @@ def test_install_reload_upgrade_purge_in_container(deb: Path, container: Contain
     assert c.run("man", "-w", "vcpud").stdout.strip() == MAN_PAGES[0]
     assert c.run("man", "-w", "5", "vcpud.yaml").stdout.strip() == MAN_PAGES[1]
     assert c.run("systemd-analyze", "verify", "vcpud.service").stderr == ""
-    comp = c.run("bash", "-l", "-i", "-c", "_completion_loader vcpud; complete -p vcpud", check=False)
-    assert comp.returncode == 0 and re.search(r"\bvcpud$", comp.stdout.strip()), comp.stdout + comp.stderr
+    comp = c.run("bash", "-l", "-i", "-c", COMPLETE, check=False)
+    lines = comp.stdout.splitlines()
+    assert comp.returncode == 0 and lines and re.fullmatch(r"complete -F \S+ vcpud", lines[0]), \
+        comp.stdout + comp.stderr
+    assert {"run", "check"} <= set(lines[1:]), comp.stdout
 
     # --- reload: the admin's policy applies to a guest, in the same process.
     c.write_file("/etc/vcpud/vcpud.yaml", CONFIG)
