@@ -76,8 +76,9 @@ policies:
 """
 
 
-def _sh(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+def _sh(*argv: str, timeout: float = 120, umask: int | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=None if umask is None else lambda: os.umask(umask))
 
 
 def _host_dpkg_status() -> str:
@@ -91,7 +92,8 @@ def deb(tmp_path_factory) -> Path:
         skip_or_fail("dpkg-dev missing and not root to let packaging/build-deb install it")
     out = tmp_path_factory.mktemp("deb")
     t0 = time.monotonic()
-    r = _sh("bash", str(BUILD_DEB), str(out), timeout=900)
+    # umask 0: the package's modes must not depend on the builder's.
+    r = _sh("bash", str(BUILD_DEB), str(out), timeout=900, umask=0)
     assert r.returncode == 0, f"build-deb exited {r.returncode}\n{r.stdout[-6000:]}\n{r.stderr[-4000:]}"
     print(f"\nbuild-deb: {time.monotonic() - t0:.1f} s")
     assert sorted(p.name for p in out.iterdir()) == [DEB_NAME], "build-deb left more than the .deb in OUTDIR"
