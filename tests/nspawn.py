@@ -312,6 +312,13 @@ class Container:
         assert self.init_pid is not None
         return Path(f"/proc/{self.init_pid}/root") / str(inside).lstrip("/")
 
+    def upper(self) -> Path:
+        """Root.OVERLAY: the host path of the overlay's upper layer, i.e. everything the container has
+        written since it started (deleted host files as whiteouts: character devices 0:0). Through
+        nspawn's /proc/PID/root, which resolves in the private mount namespace the overlay is in."""
+        assert self.root is Root.OVERLAY and self.proc is not None
+        return Path(f"/proc/{self.proc.pid}/root") / str(self.workdir / "overlay" / "upper").lstrip("/")
+
     def write_file(self, inside: str | Path, text: str, mode: int = 0o644) -> None:
         p = self.path(inside)
         p.parent.mkdir(parents=True, exist_ok=True)
