@@ -125,6 +125,18 @@ def test_missing_config(tmp_path):
     assert p.returncode == 2 and f"{tmp_path / 'absent.yaml'}:1:1:" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_ps_without_vms_points_to_the_demo(tmp_path):
+    proc = tmp_path / "proc"  # an empty process list (the hidden --proc): a host without a single VM
+    proc.mkdir()
+    cfg = tmp_path / "vcpud.yaml"
+    cfg.write_text(GOOD)
+    p = run_vcpud("ps", "--proc", str(proc), "--config", str(cfg), check=True)
+    assert p.stdout == ("no VMs found; to see vcpud at work, run `vcpud demo` "
+                        "(as root: three tiny guests for about 30 s)\n")
+    j = run_vcpud("ps", "--json", "--proc", str(proc), "--config", str(cfg), check=True)
+    assert json.loads(j.stdout) == {"vms": [], "vanished": 0}, "machine-readable output unchanged"
+
+
 @pytest.mark.parametrize("command", ["check", "apply", "ps", "plan", "run"])
 def test_unreadable_sysroot_is_an_error_not_a_traceback(command, tmp_path):
     repo = Path(__file__).resolve().parents[1]

@@ -14,6 +14,7 @@ import fnmatch
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,7 +24,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import REPO
+from tests.conftest import REPO, skip_or_fail
 from vcpud import cli
 from vcpud.completion import glob_sample
 from vcpud.manpages import vcpud8
@@ -255,17 +256,19 @@ def test_a_glob_sample_is_matched_by_its_glob(glob):
 
 # --- in an interactive bash: readline splits the line, completes, and inserts --------------------
 class Terminal:
-    """An interactive `bash --norc` on a pseudo-terminal with the completion sourced."""
+    """An interactive shell on a pseudo-terminal, its completion loaded by ``setup``."""
 
-    def __init__(self, env: dict[str, str], home: Path) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], home: Path, setup: str) -> None:
         import pty
 
         env = dict(env, PS1="$ ", TERM="dumb", INPUTRC="/dev/null", HOME=str(home), HISTFILE="/dev/null")
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: only exec
-            os.execve("/bin/bash", ["bash", "--norc", "--noprofile", "-i"], env)
+            os.execve(argv[0], argv, env)
         self.screen = b""
-        self.type(f"source {shlex.quote(str(SCRIPT))}; echo READY\n", "READY\r\n$ ")
+        # A shell function named vcpud shows the arguments as completed (the completions ask the vcpud
+        # on PATH: `command` skips functions).
+        self.type(f"{setup}; vcpud() {{ printf '<%s>' \"$@\"; echo END; }}; echo READY\n", "READY\r\n")
 
     def type(self, keys: str, until: str, timeout: float = 30) -> str:
         """Send ``keys``; what the terminal shows once ``until`` appears (AssertionError if it does not)."""
@@ -298,15 +301,14 @@ class Terminal:
 
 @pytest.fixture()
 def terminal(path_env, tmp_path):
-    t = Terminal(path_env, tmp_path)
+    t = Terminal(["/bin/bash", "--norc", "--noprofile", "-i"], path_env, tmp_path,
+                 f"source {shlex.quote(str(SCRIPT))}")
     yield t
     t.close()
 
 
 def test_readline_completes_what_if_values_and_files(terminal, config):
-    """Tab in the middle of a line; a shell function named vcpud then shows the arguments as completed
-    (the completion itself asks the vcpud on PATH: `command` skips functions)."""
-    terminal.type("vcpud() { printf '<%s>' \"$@\"; echo END; }\n", "$ ")
+    """Tab, then Enter: the shell function vcpud shows the arguments as completed."""
     cases = [
         (f"vcpud plan -c {config} --what-if big1:1\t\n", f"<plan><-c><{config}><--what-if><big1:16>END"),
         (f"vcpud plan -c {config} --what-if=we\t4 --js\t\n", f"<plan><-c><{config}><--what-if=web0:4><--json>END"),
@@ -316,3 +318,66 @@ def test_readline_completes_what_if_values_and_files(terminal, config):
     ]
     for keys, shown in cases:
         terminal.type(keys, shown)
+
+
+# --- zsh -----------------------------------------------------------------------------------------------
+ZSH_SCRIPT = REPO / "packaging" / "completion" / "_vcpud"
+
+
+def zsh() -> str:
+    exe = shutil.which("zsh")
+    if exe is None:
+        skip_or_fail("zsh not installed (Debian package zsh; contrib/setup-dev.sh installs it)")
+    return exe
+
+
+def test_zsh_completion_parses():
+    p = subprocess.run([zsh(), "-n", str(ZSH_SCRIPT)], capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stderr) == (0, "")
+
+
+def zsh_options() -> dict[str, set[str]]:
+    """The options each command's _arguments spec names, read from the file."""
+    text = ZSH_SCRIPT.read_text()
+    spec = r"(--?[a-z][a-z-]*)[=+]?(?=\[|,[^ ]|\})"  # an option at the start of a spec, not in a description
+    groups = {name: set(re.findall(spec, re.search(rf"local -a {name}=\((.*?)\)\n", text, re.S).group(1)))
+              for name in ("help", "config", "common")}
+    groups["common"] |= groups["help"] | {"--log-level"}
+    out = {}
+    for command, body in re.findall(r"^ {8}([a-z]+)\)\n(.*?);;", text, re.M | re.S):
+        config = groups["config"] if "$config" in body else set()
+        shared = groups["common"] if "$common" in body else groups["help"] if "$help" in body else set()
+        out[command] = set(re.findall(spec, body)) | shared | config
+    return out
+
+
+def test_zsh_options_are_the_parsers():
+    parser = cli.build_parser()
+    want = {name: {s for a in p._actions if a.help != argparse.SUPPRESS for s in a.option_strings}
+            for name, p in vcpud8.commands(parser).items()}
+    assert zsh_options() == want
+    block = ZSH_SCRIPT.read_text().split("local -a cmds=(")[1].split("\n      )\n")[0]
+    commands = re.findall(r"^\s+[\"']([a-z]+):", block, re.M)
+    assert commands == list(want)
+
+
+@pytest.fixture()
+def zsh_terminal(path_env, tmp_path):
+    setup = (f"fpath=({shlex.quote(str(ZSH_SCRIPT.parent))} $fpath); autoload -Uz compinit; "
+             f"compinit -u -d {shlex.quote(str(tmp_path / 'zcompdump'))}")
+    t = Terminal([zsh(), "-f", "-i"], path_env, tmp_path, setup)
+    yield t
+    t.close()
+
+
+def test_zsh_completes_commands_options_and_what_if_values(zsh_terminal, config):
+    cases = [
+        ("vcpud pl\t\n", "<plan>END"),
+        ("vcpud --log-level w\tp\tl\t--js\t\n", "<--log-level><warning><plan><--json>END"),
+        (f"vcpud plan -c {config} --what-if big1:1\t\n", f"<plan><-c><{config}><--what-if><big1:16>END"),
+        (f"vcpud plan --config={config} --what-if d\t4\n", f"<plan><--config={config}><--what-if><db-:4>END"),
+        (f"vcpud check --config {config.parent}/mo\t\n", f"<check><--config><{config.parent}/more.yaml>END"),
+        ("vcpud apply --dry\t\n", "<apply><--dry-run>END"),
+    ]
+    for keys, shown in cases:
+        zsh_terminal.type(keys, shown)

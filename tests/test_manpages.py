@@ -219,7 +219,7 @@ def test_every_command_and_no_other_is_documented(pages):
     commands = vcpud8.commands(parser)
     sec = sections(pages["vcpud.8"])
     assert [i.tag for i in sec["COMMANDS"].items] == [f"vcpud {c}" for c in commands]
-    assert set(commands) == {"topology", "check", "apply", "plan", "run", "ps"}  # the hidden hook is no command
+    assert set(commands) == {"topology", "check", "apply", "plan", "run", "demo", "ps"}  # the hidden hook is none
 
 
 def test_every_option_of_every_command_and_no_other_is_documented(pages):
@@ -447,3 +447,23 @@ def test_two_cpu_examples_pass_vcpud_check_on_this_host(tmp_path):
         assert p.returncode == 0 and ": OK, " in p.stdout, p.stderr
         checked += 1
     assert checked >= 3
+
+
+def test_roff_escaping_survives_groff(tmp_path):
+    """Text that roff would take for requests, escapes or hyphens comes out as written."""
+    from vcpud.manpages import roff
+
+    tricky = [".SH not a heading", "'br not a request", r"back\slash \fB not bold", "--dry-run -n a-b", "~ ^ ` '"]
+    page = "\n".join([roff.title("t", "1", "2026-01-01", "s", "m"), roff.heading("NAME"), "t \\- t",
+                      *(roff.line(roff.escape(t)) + "\n.br" for t in tricky),
+                      *roff.paragraphs("A `.bold start` and <ITALIC> and `-c` <FILE>."),
+                      *roff.example(tricky), *roff.synopsis("t", ["[`--x` <Y>]"])])
+    text = rendered(page, tmp_path)
+    for t in tricky:
+        assert text.count(t) == 2, t  # once as prose, once in the example
+    assert "A .bold start and ITALIC and -c FILE." in " ".join(text.split())
+    assert "t [--x Y]" in " ".join(text.split())
+    with pytest.raises(roff.RoffError):
+        roff.escape("caf\u00e9")
+    with pytest.raises(roff.RoffError):
+        roff.inline("an `unclosed literal")

@@ -1,4 +1,4 @@
-"""Command line: vcpud topology | check | apply | plan | ps | run.
+"""Command line: vcpud topology | check | apply | plan | ps | run | demo.
 
 A one-shot command imports what it uses, in the functions that use it: `topology` no config
 (nor YAML), `check` no discovery or pinning, only `apply` the reconciler, `apply`, `ps` and `plan`
@@ -48,6 +48,7 @@ _WHAT_IF_RE = re.compile(r"([^:]+):([0-9]+)(?::([0-9]+))?\Z")
 # command lines are refused before it sees them.
 MAX_ARGS = 2 * MAX_WHAT_IF + 64
 WHAT_IF_EXPECTED = "expected NAME:VCPUS[:THREADS], VCPUS and THREADS positive decimal numbers"
+NO_VMS_HINT = "no VMs found; to see vcpud at work, run `vcpud demo` (as root: three tiny guests for about 30 s)"
 
 
 # --- text from outside: guests' names and threads, user input -----------------------
@@ -402,7 +403,7 @@ def ps_table(plans: Sequence[VMPlan], cgroups: Cgroups | None = None, libvirt: O
         out += _cgroup_lines(vp, cgroups, {t.tid: t.affinity for t in vm.threads}, libvirt)
         out.append("")
     if not plans:
-        out.append("no VMs found")
+        out.append(NO_VMS_HINT)
     return printable_lines("\n".join(out).rstrip("\n") + "\n")
 
 
@@ -626,6 +627,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return d.run()
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo  # vcpud.demo: the guests, the daemon, the steps
+
+    return demo(args.pace)
+
+
 # --- main ---------------------------------------------------------------------------
 class _HelpFormatter(argparse.HelpFormatter):
     """argparse's, as wide as shutil.get_terminal_size() says (COLUMNS, else the terminal, else
@@ -715,6 +722,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-udev", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-connector", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
+
+    p = command("demo", "start three tiny guests and show vcpud pinning them (about 30 s, as root)")
+    p.add_argument("--pace", type=float, default=3.0, metavar="SECONDS",
+                   help="pause for the reader between steps (default 3; 0: none)")
+    p.set_defaults(func=cmd_demo)
 
     p = command("ps", "list VMs, their threads, roles and affinities")
     common(p)

@@ -374,6 +374,8 @@ def base_role(t: ThreadSnapshot) -> Thread | None:
 
 def needs_syscall(snap: ProcessSnapshot) -> list[int]:
     """TIDs whose role can only come from /proc/TID/syscall (qemu without debug-threads)."""
+    if any(_VCPU_NAME.match(t.comm) and not t.flags & (PF_USER_WORKER | PF_KTHREAD) for t in snap.threads):
+        return []  # named vCPUs (what base_role would say, without making every Thread twice)
     roles = [base_role(t) for t in snap.threads]
     if any(r is not None and r.role is Role.VCPU for r in roles):
         return []

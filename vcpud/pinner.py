@@ -5,7 +5,7 @@ retried until what it depended on changes."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Hashable, Sequence
+from typing import TYPE_CHECKING, AbstractSet, Callable, Hashable, Sequence
 
 from .activity import Stats
 from .pinning import AffinityOps, Outcome, PinResult, Router, confinement, pin_one
@@ -92,25 +92,58 @@ class Pinner:
                 say_once(st, a.tid, r.outcome.value, "cannot pin VM %s tid %d (%s) to %s: %s %s",
                           vm.display_name, a.tid, a.label, a.cpus, r.outcome, r.detail,
                           extra=journal_fields(vm, policy, a))
-        st.results[a.tid] = r
         if r.outcome.ok:
-            st.wanted[a.tid] = a
-            st.failed.pop(a.tid, None)
-            st.blocked.pop(a.tid, None)
-            st.said = {s for s in st.said if s[0] != a.tid}  # a later failure is news again
-        elif r.outcome is not Outcome.VANISHED:
-            st.failed[a.tid] = r
+            self._took(st, r)
+        else:
+            st.results[a.tid] = r
+            if r.outcome is not Outcome.VANISHED:
+                st.failed[a.tid] = r
         return r
 
+    def _fast(self, ops: AffinityOps, listed: bool) -> tuple[Callable[[int, CpuSet], AbstractSet[int]], str] | None:
+        """The actuator's two-syscall pin for threads just seen in their task list, if it has one."""
+        fast = getattr(ops, "set_listed", None) if listed and not self.dry_run else None
+        return (fast, str(getattr(ops, "name", ""))) if fast is not None else None
+
+    def _pin_listed(self, st: VMState, a: Assignment, ops: AffinityOps,
+                    fast: tuple[Callable[[int, CpuSet], AbstractSet[int]], str], before: CpuSet | None) -> PinResult:
+        """Pin a thread just seen in its VM's task list: set and read back (a reload after a
+        host-wide taskset puts back thousands of threads); anything but a clean pin, or a thread
+        held back by its cgroup, goes the whole way (:meth:`pin`: said, counted, classified)."""
+        if a.tid not in st.blocked:
+            try:
+                before = ops.get(a.tid) if before is None else before
+                after = fast[0](a.tid, a.cpus) if before != a.cpus else None
+            except OSError:
+                after = None
+            if after is not None and after == a.cpus.cpus:
+                r = PinResult(a, Outcome.PINNED, before, a.cpus, via=fast[1])
+                self.stats.pins[Outcome.PINNED] += 1
+                self._took(st, r)
+                return r
+        return self.pin(st, a, quiet=True, ops=ops, before=before)
+
+    @staticmethod
+    def _took(st: VMState, r: PinResult) -> None:
+        a = r.assignment
+        st.results[a.tid] = r
+        st.wanted[a.tid] = a
+        st.failed.pop(a.tid, None)
+        st.blocked.pop(a.tid, None)
+        if st.said:
+            st.said = {s for s in st.said if s[0] != a.tid}  # a later failure is news again
+
     # --- one VM ---------------------------------------------------------------------------
-    def pin_plan(self, st: VMState, prev: VMState | None) -> list[PinResult]:
+    def pin_plan(self, st: VMState, prev: VMState | None, listed: bool = False) -> list[PinResult]:
         """Pin every assignment of ``st.plan``; a thread ``prev`` had pinned to the same CPUs and
-        that is found elsewhere was moved by someone (drift, counted). One log line for the VM."""
+        that is found elsewhere was moved by someone (drift, counted). One log line for the VM.
+        ``listed``: the VM's threads were just read from its task list."""
         bulk = Bulk(st)
         ops = self.router.ops_for(st.vm)
+        fast = self._fast(ops, listed)
         for a in st.plan.assignments if st.plan is not None else ():
             before = prev.wanted.get(a.tid) if prev else None
-            r = self.pin(st, a, quiet=True, ops=ops)
+            r = self._pin_listed(st, a, ops, fast, None) if fast else self.pin(st, a, quiet=True, ops=ops)
             if before is not None and before.cpus == a.cpus:
                 bulk.moved(a, r.before, r)
             else:
@@ -118,14 +151,19 @@ class Pinner:
         self.stats.drift_corrections += bulk.say()
         return bulk.results
 
-    def put_back(self, st: VMState, drifted: Sequence[tuple[Assignment, CpuSet]]) -> list[PinResult]:
-        """Under an unchanged plan: put back the threads found moved, try the failed ones again."""
+    def put_back(self, st: VMState, drifted: Sequence[tuple[Assignment, CpuSet]],
+                 listed: bool = False) -> list[PinResult]:
+        """Under an unchanged plan: put back the threads found moved, try the failed ones again.
+        ``listed``: the drifted threads were just seen in the VM's task list."""
         if not drifted and not st.failed:
             return []  # the usual rescan: nothing to ask the VM's owner
         bulk = Bulk(st)
         ops = self.router.ops_for(st.vm)
+        fast = self._fast(ops, listed)
         for a, now in drifted:
-            bulk.moved(a, now, self.pin(st, a, quiet=True, ops=ops, before=now))
+            bulk.moved(a, now, self._pin_listed(st, a, ops, fast, now) if fast else
+                       self.pin(st, a, quiet=True, ops=ops, before=now))
+        st.dirty = True
         for failed in list(st.failed.values()):
             bulk.add(self.pin(st, failed.assignment, quiet=True, ops=ops))
         self.stats.drift_corrections += bulk.say()

@@ -8,7 +8,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, AbstractSet, Protocol
 
 from .cgroups import Cgroups, Confinement
 from .cpuset import CpuSet
@@ -116,6 +116,13 @@ class OsAffinity:
         if not os.path.exists(f"{self._proc}/{pid}/task/{tid}"):
             raise ProcessLookupError(errno.ESRCH, "thread is gone")
         os.sched_setaffinity(tid, cpus.cpus)
+
+    def set_listed(self, tid: int, cpus: CpuSet) -> AbstractSet[int]:
+        """Pin a thread the caller saw in its process's task list moments ago, and read it back
+        (as the kernel gives it). No recycling check: the kernel hands out PIDs cyclically, so
+        a TID is reused only after pid_max other tasks were created (32,768 here)."""
+        os.sched_setaffinity(tid, cpus.cpus)
+        return os.sched_getaffinity(tid)
 
 
 def classify_errno(e: OSError) -> Outcome:

@@ -19,7 +19,7 @@ from .discovery import VM, ExeCheck, Scan, Thread, classify_new_thread, named_th
 from .holdings import Ledger, StateStore
 from .pinner import Pinner
 from .pinning import AffinityOps, Direct, Outcome, PinResult, Router
-from .recheck import Recheck, recheck_all
+from .recheck import Coverage, Recheck, recheck_all
 from .vmstate import VMState, same_rules, say_exit, say_plan
 from .placement import PoolDecision, arrival_order, plan_vm
 from .pools import Allocation
@@ -83,6 +83,7 @@ class Reconciler:
         # the next rescan reads every process whole (executables changed); re-plans every VM
         self._reread = self._inputs_changed = False
         self.changed = True  # what readers see moved since the caller last published
+        self.coverage = Coverage()  # the VMs whose task lists rescans need not read
 
     @property
     def allocations(self) -> dict[Hashable, Allocation]:
@@ -147,7 +148,7 @@ class Reconciler:
     def watched(self) -> frozenset[int]:
         """The processes whose fork, comm and exit events matter (procfilter): the VMs, the
         -daemonize qemus awaiting their guest, and those due a look (a kvm uevent's, a follow-up's)."""
-        return frozenset(self.vms.keys() | self.starting.keys() | self.due.keys())
+        return self.coverage.watch(self.vms.keys() | self.starting.keys() | self.due.keys())
 
     # --- timers ---------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -178,19 +179,19 @@ class Reconciler:
         is the first look, ``pids`` are named or the executables changed; only new processes and
         VMs that look different are read whole."""
         log.debug("full scan (%s)", reason.value)
+        t0, self.rescan_wanted = time.perf_counter(), False
         self.stats.rescans += 1
-        self.rescan_wanted = False
         careful, self.events_lost = self.events_lost or not self.trust_events, False
         kept: dict[int, Recheck] = {}
         todo: list[int] | None = None if pids is None else list(pids)
         if todo is None and reason is not ScanReason.STARTUP and not self._reread:
-            kept = recheck_all(self.procfs, self.vms, careful, self.stats)
+            kept = recheck_all(self.procfs, self.vms, careful, self.stats, self.coverage)
             listed = self.procfs.pids()
             self.not_vm &= set(listed)  # exits lost to a connector overrun leave stale entries
             # Without trusted events a PID known not to be a VM may have been reused unseen.
             skip = self.not_vm if not careful else set()
             todo = [p for p in listed if p not in kept and p not in skip]
-        found, pins = self._pass(todo, kept, reason, whole=pids is None)
+        found, pins = self._pass(todo, kept, reason, whole=pids is None, t0=t0)
         log.debug("%s: %d VMs re-checked%s, %d read whole", reason.value, len(kept), " (careful)" * careful,
                   len(found.vms))
         self._reread = self._inputs_changed = False
@@ -201,10 +202,10 @@ class Reconciler:
         self._pass(pids, {}, None, whole=False)
 
     def _pass(self, todo: list[int] | None, kept: dict[int, Recheck], reason: ScanReason | None,
-              whole: bool) -> tuple[Scan, list[PinResult]]:
+              whole: bool, t0: float | None = None) -> tuple[Scan, list[PinResult]]:
         """Read ``todo`` (None: all of /proc) whole, settle the ``kept`` VMs, place and pin. ``whole``:
-        every process was looked at (VMs neither read nor kept are gone)."""
-        t0 = time.perf_counter()
+        every process was looked at (VMs neither read nor kept are gone); ``t0``: the reconcile's start."""
+        t0 = time.perf_counter() if t0 is None else t0
         found = scan(self.procfs, self.config.executables, todo, exe_check=self.exe_check)
         self.stats.vanished += found.vanished
         self.not_vm |= set(found.not_vms)
@@ -224,7 +225,7 @@ class Reconciler:
                                       save=reason is ScanReason.STARTUP and bool(self.allocations))
         pins: list[PinResult] = []
         for vm in arrival_order(found.vms):
-            pins += self._apply_vm(vm, decisions.get(vm.key, PoolDecision()))
+            pins += self._apply_vm(vm, decisions.get(vm.key, PoolDecision()), listed=True)
         replan = reason in (ScanReason.RELOAD, ScanReason.TOPOLOGY)
         for pid, r in kept.items():
             pins += self._settle(self.vms[pid], r, decisions.get(r.vm.key, PoolDecision()), replan)
@@ -242,10 +243,10 @@ class Reconciler:
             st.vm, st.dirty = r.vm, True
         policy = self.config.select(st.vm) if replan else st.policy
         if decision != st.decision or not same_rules(policy, st.policy) or (replan and self._inputs_changed):
-            return self._apply_vm(st.vm, decision)
+            return self._apply_vm(st.vm, decision, r.listed)
         for t in r.new:
             self._place_thread(st, t)
-        return self.pinner.put_back(st, r.drifted)
+        return self.pinner.put_back(st, r.drifted, listed=r.listed)
 
     def _await_guest(self, pids: Iterable[int]) -> None:
         """Look again at -daemonize processes with no guest yet (found by their kvm uevent or a
@@ -294,13 +295,12 @@ class Reconciler:
         """A VM is gone: drop its state and free its pool CPUs for VMs still waiting."""
         st = self.vms.pop(pid, None)
         self.due.pop(pid, None)
+        self.coverage.forget(pid)
         if st is None:
             return
         self.changed = True
         if self.ledger.release(st.vm, [(x.vm, x.policy.name) for x in self.vms.values() if x.policy is not None]):
-            for other in self.vms.values():
-                if other.waiting:
-                    self.due[other.vm.pid] = self.clock()
+            self.due.update({other.vm.pid: self.clock() for other in self.vms.values() if other.waiting})
 
     # --- the pipeline ---------------------------------------------------------------------
     def _consider(self, tgid: int) -> None:
@@ -315,7 +315,7 @@ class Reconciler:
         else:
             self.not_vm.add(tgid)
 
-    def _apply_vm(self, vm: VM, decision: PoolDecision) -> list[PinResult]:
+    def _apply_vm(self, vm: VM, decision: PoolDecision, listed: bool = False) -> list[PinResult]:
         prev = self.vms.get(vm.pid)
         if prev is not None and prev.vm.key != vm.key:
             prev = None  # the PID was reused by another process
@@ -324,7 +324,7 @@ class Reconciler:
         self.starting.pop(vm.pid, None)  # it shows a guest now
         st.plan = plan_vm(vm, policy, self.online, self.config, decision, self.isolated)
         say_plan(st, prev)
-        results = self.pinner.pin_plan(st, prev)
+        results = self.pinner.pin_plan(st, prev, listed)
         self.vms[vm.pid] = st
         self.changed = True
         if policy is not None and not st.complete and st.followup < len(FOLLOWUP_DELAYS):

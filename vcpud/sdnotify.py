@@ -1,11 +1,16 @@
-"""systemd glue: sd_notify messages and journald logging with structured fields."""
+"""systemd glue: sd_notify messages (sent, and received where vcpud plays the service manager for
+its own daemon: `vcpud demo`) and journald logging with structured fields."""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
+import threading
 import time
+from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +108,61 @@ def setup_logging(level: str, journal: bool | None = None) -> str:
     handler.setFormatter(logging.Formatter("vcpud: %(levelname)s: %(message)s"))
     root.addHandler(handler)
     return "stderr"
+
+
+class NotifyListener:
+    """The service manager's side of sd_notify(3): a datagram socket at ``path`` (give it to the
+    daemon as NOTIFY_SOCKET) whose messages a thread collects, as systemd does, all the time:
+    the daemon sends STATUS= after every rescan, and once the socket's queue is full its next
+    sd_notify() blocks, and with it the daemon's loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []  # each KEY=VALUE datagram, in order
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="sd_notify", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            lines = data.decode(errors="replace").splitlines()
+            msg = dict(line.split("=", 1) for line in lines if "=" in line)
+            with self._cond:
+                self.messages.append(msg)
+                self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[dict[str, str]], bool], timeout: float = 10.0, start: int = 0,
+                 alive: Callable[[], bool] = lambda: True) -> dict[str, str] | None:
+        """The first message from index ``start`` on for which ``pred`` holds; None when none
+        came within ``timeout`` or ``alive()`` turned false."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for m in self.messages[start:]:
+                    if pred(m):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or not alive():
+                    return None
+                self._cond.wait(min(left, 0.05))
+
+    @property
+    def status(self) -> str:
+        """The last STATUS= the daemon sent."""
+        with self._cond:
+            return next((m["STATUS"] for m in reversed(self.messages) if "STATUS" in m), "")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._reader.join(timeout=2)
+        self.sock.close()

@@ -146,7 +146,7 @@ class Bulk:
         threads put back. Returns how many were put back (drift corrections)."""
         vm, policy = self.st.vm, self.st.policy.name if self.st.policy else None
         groups: dict[CpuSet, list[PinResult]] = {}
-        for r in self._pinned:
+        for r in self._pinned if log.isEnabledFor(logging.INFO) else ():  # `vcpud apply` says it itself
             groups.setdefault(r.assignment.cpus, []).append(r)
         for cpus, rs in groups.items():
             via = {r.via for r in rs} - {"sched_setaffinity", ""}
@@ -160,8 +160,12 @@ class Bulk:
             log.warning("VM %s tid %d (%s) had been moved to %s; put back on %s", vm.display_name, a.tid, a.label,
                         now, a.cpus, extra=journal_fields(vm, policy, a))
         elif self._back:
+            moves: dict[tuple[CpuSet | None, CpuSet], list[Assignment]] = {}
+            for a, now in self._back:
+                moves.setdefault((now, a.cpus), []).append(a)
             log.warning("VM %s: %d threads had been moved; put back: %s", vm.display_name, len(self._back),
-                        "; ".join(f"tid {a.tid} ({a.label}) {now} -> {a.cpus}" for a, now in self._back),
+                        "; ".join(f"{now} -> {cpus}: " + ", ".join([f"tid {a.tid} ({a.label})" for a in moved])
+                                  for (now, cpus), moved in moves.items()),
                         extra=journal_fields(vm, policy, *(a for a, _ in self._back)))
         return len(self._back)
 

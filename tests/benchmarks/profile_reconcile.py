@@ -1,6 +1,6 @@
 """Profile the reconciler in-process on real paused guests (root; prints timings and cProfile tops).
 
-    python3 -m tests.benchmarks.profile_reconcile [--vms 30] [--profile startup,periodic,reload]
+    python3 -m tests.benchmarks.profile_reconcile [--vms 30] [--profile startup,periodic,reload,apply] [--rounds N]
 
 Each pass is timed as the daemon times it (Reconciler.rescan / reload); with --profile the
 named passes are run again under cProfile and the top functions by cumulative time printed.
@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import contextlib
 import io
 import logging
 import os
 import pstats
+import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 from tests.qemu import RUN, Guest, start_guest
+from vcpud import cli
 from vcpud.activity import Stats
 from vcpud.config import load_config
 from vcpud.holdings import FileStore
@@ -71,14 +74,33 @@ def timed(what: str, f: Callable[[], object], prof: bool) -> None:
         pstats.Stats(p, stream=out).sort_stats(os.environ.get("PROFILE_SORT", "cumulative")).print_stats(25)
         print(f"--- {what}: {dt * 1e3:.1f} ms (under cProfile)\n{out.getvalue()}")
     else:
+        c0 = time.process_time()
         f()
-        print(f"{what}: {(time.perf_counter() - t0) * 1e3:.1f} ms")
+        print(f"{what}: {(time.perf_counter() - t0) * 1e3:.1f} ms ({(time.process_time() - c0) * 1e3:.1f} ms CPU)")
+
+
+def cpu_ms(f: Callable[[], object]) -> float:
+    c0 = time.process_time()
+    f()
+    return (time.process_time() - c0) * 1e3
+
+
+def rounds(rec: Reconciler, guests: list[Guest], reload: Callable[[], object], n: int) -> None:
+    periodic, reloads = [], []
+    for _ in range(n):
+        periodic.append(cpu_ms(lambda: rec.rescan(ScanReason.PERIODIC)))
+        drift(guests)
+        reloads.append(cpu_ms(reload))
+    for what, xs in (("periodic rescan", periodic), ("reload after every thread drifted", reloads)):
+        print(f"{what}, {n} rounds: CPU min {min(xs):.1f} ms, median {statistics.median(xs):.1f} ms")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vms", type=int, default=30)
-    ap.add_argument("--profile", default="", help="comma-separated: startup,periodic,reload")
+    ap.add_argument("--profile", default="", help="comma-separated: startup,periodic,reload,apply")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="more rounds of periodic rescan + drift + reload: min and median CPU (a busy host)")
     args = ap.parse_args()
     prof = set(filter(None, args.profile.split(",")))
     # The daemon logs every pin at info level (to the journal or stderr): so does this, to /dev/null.
@@ -96,18 +118,30 @@ def main() -> None:
             print(f"{args.vms} guests, {nthreads} threads")
             for g in guests:
                 g.unpin()
-            for p in (False, True) if prof else (False,):
+            if "apply" in prof:  # `vcpud apply` in this process (imports done): every thread to pin
+                def apply() -> None:
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        cli.main(["apply", "-c", str(cfg)])
+                timed("vcpud apply, in-process", apply, True)
+                for g in guests:
+                    g.unpin()
+            for p in (False, True) if prof - {"apply"} else (False,):
                 rec = Reconciler(config, topo.online, Procfs(), OsAffinity(), FileStore(tmp / "state.json"),
                                  topology=topo, stats=Stats())
                 rec.trust_events = True  # as in the daemon, with the proc connector
                 timed("startup (every thread pinned)", lambda rec=rec: rec.rescan(ScanReason.STARTUP),
                       p and "startup" in prof)
+                rec.watched()  # as the daemon: its proc connector filter passes these VMs' events now
+                timed("first periodic rescan (reads the task lists)", lambda rec=rec: rec.rescan(ScanReason.PERIODIC),
+                      False)
                 timed("periodic rescan, nothing changed", lambda rec=rec: rec.rescan(ScanReason.PERIODIC),
                       p and "periodic" in prof)
                 print(f"  drifted {drift(guests)} threads")
                 timed("reload after every thread drifted", lambda rec=rec: rec.reload(config, topo.online, topo),
                       p and "reload" in prof)
                 timed("periodic rescan, nothing changed", lambda rec=rec: rec.rescan(ScanReason.PERIODIC), False)
+                if not p and args.rounds > 1:
+                    rounds(rec, guests, lambda rec=rec: rec.reload(config, topo.online, topo), args.rounds)
                 for g in guests:
                     g.unpin()
         finally:

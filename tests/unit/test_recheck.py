@@ -35,6 +35,10 @@ class CountingProcfs(Procfs):
         self.reads.append(path.rsplit("/", 1)[1])
         return super()._read(path)
 
+    def task_ids(self, pid: int) -> set[int]:
+        self.reads.append(f"task of {pid}")
+        return super().task_ids(pid)
+
 
 def trusting(tree: ProcTree, text: str = FIXED % "0") -> tuple[Reconciler, object, CountingProcfs]:
     rec, act, _ = make(tree, text)
@@ -81,6 +85,47 @@ def test_gone_thread_is_dropped_without_events(tree):
     assert io not in roles(rec, named) and io not in rec.vms[named].wanted
 
 
+def listings(fs: CountingProcfs) -> list[str]:
+    return [r for r in fs.reads if r.startswith("task of ")]
+
+
+def test_a_vm_listed_while_its_events_pass_the_filter_is_not_listed_again(tree):
+    rec, act, fs = trusting(tree)
+    named = tree.pid("named")
+    vms = sorted(rec.vms)
+    rec.rescan(ScanReason.PERIODIC)
+    assert rec.coverage.covered == set()  # no filter told about yet (watched() not asked): listed each time
+    rec.watched()  # the daemon asks before each sleep and makes its connector filter pass these
+    fs.reads.clear()
+    rec.rescan(ScanReason.PERIODIC)
+    # (the tree's affinities live in status files, read where the live /proc answers sched_getaffinity)
+    assert listings(fs) == [f"task of {pid}" for pid in vms]  # the last listing each needs
+    assert rec.coverage.covered == set(vms)
+    fs.reads.clear()
+    rec.rescan(ScanReason.PERIODIC)
+    assert listings(fs) == []  # affinities only: new threads come with a FORK that passes the filter
+    # A thread that exited is found by its affinity read failing.
+    io = tree.tid_by_comm(named, "IO io1")
+    tree.remove_thread(named, io)
+    rec.rescan(ScanReason.PERIODIC)
+    assert io not in roles(rec, named) and io not in rec.vms[named].wanted
+    # Drift: that VM's task list is read before its threads are pinned, the others' are not.
+    vcpu0 = tree.tid_by_comm(named, "CPU 0/KVM")
+    tree.set_affinity(named, vcpu0, [3])
+    fs.reads.clear()
+    act.calls.clear()
+    rec.rescan(ScanReason.PERIODIC)
+    assert listings(fs) == [f"task of {named}"], fs.reads
+    assert act.moved() == {vcpu0: C("0")}
+    # Lost events: every VM is read again, carefully; a VM forgotten is no longer covered.
+    rec.on_events_lost()
+    fs.reads.clear()
+    rec.rescan(ScanReason.PERIODIC)
+    assert "comm" in fs.reads
+    rec.forget(named)
+    assert named not in rec.coverage.covered
+
+
 def test_drift_of_many_threads_is_put_back_and_said_in_one_line(tree, caplog):
     rec, _, _ = trusting(tree)
     named = tree.pid("named")
@@ -92,7 +137,8 @@ def test_drift_of_many_threads_is_put_back_and_said_in_one_line(tree, caplog):
     assert tree.procfs().affinity(named, moved[0]) == C("0") and tree.procfs().affinity(named, moved[1]) == C("1")
     assert rec.stats.drift_corrections == 2
     said = [r.getMessage() for r in caplog.records if "had been moved" in r.getMessage()]
-    assert len(said) == 1 and f"tid {moved[0]} (vcpu 0) 3 -> 0" in said[0] and f"tid {moved[1]}" in said[0], said
+    assert len(said) == 1 and f"3 -> 0: tid {moved[0]} (vcpu 0)" in said[0], said
+    assert f"3 -> 1: tid {moved[1]} (vcpu 1)" in said[0], said
     pinned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pinned VM")]
     assert pinned == [], pinned  # the put-back line says it: not once more per thread
 

@@ -38,6 +38,12 @@ class FrozenMap(Mapping[K, V]):
     def __getitem__(self, key: K) -> V:
         return self._data[key]
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._data  # Mapping's would raise and catch KeyError for every miss
+
+    def get(self, key: K, default: Any = None) -> Any:
+        return self._data.get(key, default)
+
     def __iter__(self) -> Iterator[K]:
         return iter(self._data)
 

@@ -47,7 +47,8 @@ COMMANDS: dict[str, str] = {
 Show the host's CPU topology as the kernel's sysfs describes it: sockets, cores, SMT siblings, NUMA nodes, \
 caches, online and isolated CPUs. It reads no configuration.""",
     "check": """\
-Load the configuration and check it against this host's online CPUs, without touching any VM. It prints \
+Load the configuration and check it against this host's online CPUs (or those of `--sysroot`), without \
+touching any VM. It prints \
 `<FILE>: OK, <N> policies, <M> pools` (every file read, the included ones too) and exits 0, or prints every \
 error it finds, each as `<FILE>:<LINE>:<COL>: <message>`, and exits 2. A missing configuration file is an \
 error.""",
@@ -74,6 +75,17 @@ reports readiness, reloads, its status line and watchdog pings through sd_notify
 with the fields VM=, VM_PID=, TID=, ROLE=, CPUS= and POLICY= (`journalctl -u vcpud VM=web1`); elsewhere it \
 logs to standard error. It serves Prometheus metrics on http://127.0.0.1:9474/metrics unless the \
 configuration or `--metrics-listen` says otherwise. When vcpud stops, the pins stay as they are.""",
+    "demo": """\
+Show the main job on three tiny paused guests of its own (64 MiB each; KVM, else TCG, said which), in about 30 \
+seconds: it starts them (named `vcpud-demo-`<PID>`-1` to `-3`), prints the example policy it writes for them \
+and `vcpud ps` before and after starting `vcpud run` on it, hot-plugs a vCPU through QMP and shows it pinned, \
+moves a vCPU with `taskset` and shows it put back, prints a few metric lines, then stops everything it \
+started, also on Ctrl-C or SIGTERM (if the demo itself is killed, the kernel stops its guests and daemon). \
+The policy matches only its own guests, by name and by the demo's private directory in their command line; \
+its daemon has its own state file and metrics port, so VMs already on the host and a running vcpud service \
+are left alone (a service whose policy matches every VM would fight the demo over its guests: the demo says \
+so when it sees one). Needs root, qemu-system-x86_64 and taskset. Exits 1 if a step was not seen in time, \
+with the daemon's last log lines.""",
     "ps": """\
 List the VMs, their policy and status, and each thread: its role, the CPU it last ran on (PSR), where it may \
 run now (AFFINITY) and where its policy wants it (WANT; `-`: no rule). A `!` before a thread marks one that is \
@@ -102,6 +114,7 @@ Serve the Prometheus metrics at <HOST>`:`<PORT>, `[`<IPV6>`]:`<PORT>, or not at 
 `metrics.listen` in the configuration (default `127.0.0.1:9474`). The host is required: `0.0.0.0:`<PORT> or \
 `[::]:`<PORT> listen on every interface. Port 0 takes any free port. A bad address is refused before anything \
 starts.""",
+    ("demo", "--pace"): "Pause this many seconds between steps, for the reader (default 3; 0: none; at most 60).",
     ("ps", "--json"): "Print every VM and thread as JSON, with each thread's cgroup and which owner would pin it.",
 }
 
@@ -174,6 +187,7 @@ watchdog pings (every half of WATCHDOG_USEC)."""),
 # (what it shows, command lines); the vcpud lines are parsed by tests/test_manpages.py.
 EXAMPLES: list[tuple[str, list[str]]] = [
     ("Check a configuration before installing it:", ["vcpud check --config ./vcpud.yaml"]),
+    ("See vcpud at work on three guests of its own, without pauses:", ["vcpud demo --pace 0"]),
     ("See every VM and thread, and what the policies want:", ["vcpud ps"]),
     ("Show what `apply` would change, then pin once:", ["vcpud apply --dry-run", "vcpud apply"]),
     ("How would two more 8-vCPU database VMs with 2 threads per core be placed, with the reasons?",

@@ -138,9 +138,10 @@ How dedicated CPUs follow the host's caches (exclusive pools only): `any` ignore
 that share one L3 cache, when the VM fits in one.""",
         default="any"),
     Key("emulatorpin", "<CPUS> | {pool: <NAME>} | {isolate: <BOOL>}", """\
-The emulator threads: QEMU's main loop and its helper threads (everything that is not a vCPU, IO thread, \
-vhost worker or kernel worker) on these CPUs; or floating over a non-exclusive pool; or on a dedicated CPU of \
-their own. `{}` and `{isolate: false}` are no rule. `pool` and `isolate` exclude each other."""),
+The emulator threads: QEMU's main thread and its other threads that are not vCPUs, IO threads, vhost or \
+kernel workers (`call_rcu`, worker threads, the monitor's IO thread) on these CPUs; or floating over a \
+non-exclusive pool; or on a dedicated CPU of their own. `{}` and `{isolate: false}` are no rule. `pool` \
+and `isolate` exclude each other."""),
     Key("emulatorpin.pool", "<NAME>", """\
 A non-exclusive pool whose CPUs the emulator threads float over, leaving out isolated CPUs (`isolcpus`) when \
 others remain."""),

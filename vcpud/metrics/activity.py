@@ -39,8 +39,8 @@ def build(snap: Snapshot) -> list[Family]:
     out.append(histogram("vcpud_pin_latency_seconds",
                          "Kernel event (thread created or named) to the thread's affinity being set.",
                          snap.pin_latency))
-    out.append(histogram("vcpud_reconcile_duration_seconds", "Duration of one reconcile pass.",
-                         snap.reconcile_duration))
+    out.append(histogram("vcpud_reconcile_duration_seconds",
+                         "Duration of one reconcile pass (a rescan: its re-checks and pins).", snap.reconcile_duration))
 
     f = Family("vcpud_config_reloads", "counter", "Configuration reloads by result (the initial load is not one).",
                ("result",))
