@@ -116,6 +116,7 @@ def test_rpm_files(rpm: Path):
         "/usr/lib/systemd/system/vcpud.service",
         "/etc/vcpud/vcpud.yaml",
         "/usr/share/bash-completion/completions/vcpud",
+        "/usr/share/zsh/site-functions/_vcpud",
         "/usr/share/vcpud/grafana/vcpud-dashboard.json",
         "/usr/share/vcpud/prometheus/vcpud-alerts.yml",
         "/usr/share/doc/vcpud/README.md",

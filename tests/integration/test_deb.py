@@ -37,6 +37,7 @@ SHIPPED = {
     "/usr/share/vcpud/grafana/vcpud-dashboard.json": "contrib/grafana/vcpud-dashboard.json",
     "/usr/share/vcpud/prometheus/vcpud-alerts.yml": "contrib/prometheus/vcpud-alerts.yml",
     "/usr/share/bash-completion/completions/vcpud": "packaging/completion/vcpud",
+    "/usr/share/zsh/vendor-completions/_vcpud": "packaging/completion/_vcpud",
     "/usr/share/doc/vcpud/examples/vcpud.yaml": "config/vcpud.yaml",
 }
 MAN_PAGES = ("/usr/share/man/man8/vcpud.8.gz", "/usr/share/man/man5/vcpud.yaml.5.gz")
@@ -240,7 +241,7 @@ def test_install_reload_upgrade_purge_in_container(deb: Path, container: Contain
     assert f'vcpud_build_info{{version="{__version__}"}} 1.0' in metrics.splitlines(), metrics[:2000]
     assert re.search(r"^vcpud_vms(_by_status)?\{.*\} \d", metrics, re.M), metrics[:2000]
 
-    # Man pages and bash completion, where man and an interactive login bash find them.
+    # Man pages and completions, where man, an interactive login bash and zsh's compinit find them.
     assert c.run("man", "-w", "vcpud").stdout.strip() == MAN_PAGES[0]
     assert c.run("man", "-w", "5", "vcpud.yaml").stdout.strip() == MAN_PAGES[1]
     assert c.run("systemd-analyze", "verify", "vcpud.service").stderr == ""
@@ -249,6 +250,8 @@ def test_install_reload_upgrade_purge_in_container(deb: Path, container: Contain
     assert comp.returncode == 0 and lines and re.fullmatch(r"complete -F \S+ vcpud", lines[0]), \
         comp.stdout + comp.stderr
     assert {"run", "check"} <= set(lines[1:]), comp.stdout
+    zsh = c.run("zsh", "-c", "autoload -U compinit && compinit -u -d /tmp/zcompdump && print -r -- $_comps[vcpud]")
+    assert zsh.stdout.strip() == "_vcpud", zsh.stdout + zsh.stderr
 
     # --- reload: the admin's policy applies to a guest, in the same process.
     c.write_file("/etc/vcpud/vcpud.yaml", CONFIG)
