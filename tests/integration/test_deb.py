@@ -235,7 +235,13 @@ def test_install_reload_upgrade_purge_in_container(deb: Path, container: Contain
     for req, version in reqs:
         assert Requirement(req).specifier.contains(version, prereleases=True), f"{req} but Debian has {version}"
 
-    # Metrics, from Debian's prometheus-client.
+    # Metrics, from Debian's prometheus-client. The container shares the host's network: first make
+    # sure that the port is this vcpud's (a bind error is logged, not fatal), not another process's.
+    serving = "serving metrics on http://127.0.0.1:9474/metrics"
+    deadline = time.monotonic() + 10  # journald takes the line from the service's stream a little later
+    while not any(e.get("MESSAGE") == serving for e in c.journal("vcpud.service")):
+        assert time.monotonic() < deadline, f"vcpud in the container does not serve the metrics port\n{diagnostics(c)}"
+        time.sleep(0.2)
     metrics = c.run("python3", "-c", "import urllib.request as u;"
                     "print(u.urlopen('http://127.0.0.1:9474/metrics', timeout=10).read().decode())").stdout
     assert f'vcpud_build_info{{version="{__version__}"}} 1.0' in metrics.splitlines(), metrics[:2000]
