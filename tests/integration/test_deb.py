@@ -117,7 +117,7 @@ def _contents(deb: Path) -> dict[str, str]:
     return out
 
 
-def test_deb_fields_and_files(deb: Path):
+def test_deb_fields_and_files(deb: Path, tmp_path: Path):
     fields = {k: _sh("dpkg-deb", "-f", str(deb), k).stdout.strip() for k in ("Version", "Depends", "Recommends")}
     assert fields["Version"] == __version__
     depends = {d.strip().split()[0] for d in fields["Depends"].split(",")}
@@ -135,7 +135,7 @@ def test_deb_fields_and_files(deb: Path):
     # Nothing world-writable, nothing setuid.
     assert not [p for p, m in files.items() if m[8] == "w" and m[0] != "l" or "s" in m[1:]], files
 
-    root = deb.parent / "root"
+    root = tmp_path / "root"
     r = _sh("dpkg-deb", "-x", str(deb), str(root))
     assert r.returncode == 0, r.stderr
     for path, src in SHIPPED.items():
@@ -290,6 +290,7 @@ def test_install_reload_upgrade_purge_in_container(deb: Path, container: Contain
     # --- remove: stopped, unit gone, config and state kept.
     _apt(c, "remove", "vcpud")
     assert _state(c)[:2] in (("not-found", "inactive"), ("not-found", "failed")), _state(c)
+    assert c.run("kill", "-0", pid2, check=False).returncode != 0, f"vcpud {pid2} still runs after remove"
     assert c.path("/etc/vcpud/vcpud.yaml").exists() and c.path("/var/lib/private/vcpud").is_dir()
     assert not c.path("/lib/systemd/system/vcpud.service").exists()
 
@@ -304,6 +305,7 @@ def test_install_reload_upgrade_purge_in_container(deb: Path, container: Contain
     assert not left, f"left after purge: {left}"
     # It deleted no host file but systemd's /var/lib/private, if empty (see debian/vcpud.postrm).
     assert deleted - deleted_before <= {"/var/lib/private"}, sorted(deleted - deleted_before)
-    assert c.run("ls", "/var/lib/systemd/deb-systemd-helper-enabled", check=False).stdout.count("vcpud") == 0
+    helper = c.run("find", "/var/lib/systemd/deb-systemd-helper-enabled", "-name", "*vcpud*").stdout
+    assert not helper, f"deb-systemd-helper still remembers: {helper}"
     assert _host_dpkg_status() == host_before, "the host's dpkg database changed"
     print(f"container part: {time.monotonic() - t0:.1f} s")
