@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -21,7 +20,11 @@ from .cpuset import CpuSet
 from .libvirtrun import OnDemand
 from .procfs import Procfs
 from .topology import Topology, TopologyError, read_topology
+from .text import emit as _emit
+from .text import printable_lines, show
+from .text import short as _short
 from .vocab import VMStatus
+from .whatif import MAX_VM_VCPUS, MAX_WHAT_IF, WHAT_IF_EXPECTED, what_if_vm, what_if_vms  # noqa: F401 (tests, completion)
 
 if TYPE_CHECKING:
     from .cgroups import Cgroups, Confinement
@@ -38,51 +41,10 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 # (moved since, or never pinned: vcpud not running), though nothing says pinning would fail.
 OFF_POLICY = "off-policy"
 
-# `plan --what-if`: at most this many imagined VMs, each of at most MAX_VM_VCPUS vCPUs (KVM's
-# KVM_MAX_VCPUS on x86 with CONFIG_MAXSMP; no guest has more). Not the host's CPU count: a
-# VM floating over a shared pool may have more vCPUs than the pool has CPUs.
-MAX_WHAT_IF = 1000
-MAX_VM_VCPUS = 4096
-_WHAT_IF_RE = re.compile(r"([^:]+):([0-9]+)(?::([0-9]+))?\Z")
 # argparse takes time quadratic in the number of options (50,000 --what-if: 100 s): longer
 # command lines are refused before it sees them.
 MAX_ARGS = 2 * MAX_WHAT_IF + 64
-WHAT_IF_EXPECTED = "expected NAME:VCPUS[:THREADS], VCPUS and THREADS positive decimal numbers"
 NO_VMS_HINT = "no VMs found; to see vcpud at work, run `vcpud demo` (as root: three tiny guests for about 30 s)"
-
-
-# --- text from outside: guests' names and threads, user input -----------------------
-def _escape_char(c: str) -> str:
-    if c == "\\":
-        return "\\\\"
-    o = ord(c)
-    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
-
-
-def show(text: object) -> str:
-    """Text a guest or a user chose (a VM name from qemu's -name, a thread name), safe to print:
-    control and other non-printable characters, and backslashes, as escapes (``\\x1b``)."""
-    s = str(text)
-    if s.isprintable() and "\\" not in s:
-        return s
-    return "".join(c if c.isprintable() and c != "\\" else _escape_char(c) for c in s)
-
-
-def printable_lines(text: str) -> str:
-    """Every line of ``text`` with non-printable characters escaped (backslashes kept): the last
-    guard before the terminal, for whatever text a field-level show() did not go through."""
-    return "\n".join(
-        line if line.isprintable() else "".join(c if c.isprintable() else _escape_char(c) for c in line)
-        for line in text.split("\n"))
-
-
-def _emit(text: str) -> None:
-    sys.stdout.write(printable_lines(text))
-
-
-def _short(text: str, n: int = 60) -> str:
-    """User input for an error message: escaped as repr() does, and cut to about ``n`` characters."""
-    return repr(text) if len(text) <= n else repr(text[:n]) + f"... ({len(text)} characters)"
 
 
 # --- the topology and the config: one path for every command ---------------------
@@ -452,38 +414,6 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 # --- plan ---------------------------------------------------------------------------
-def what_if_vm(i: int, spec: str) -> VM:
-    """An imagined VM from NAME:VCPUS[:THREADS] (THREADS = guest threads per core).
-
-    ValueError, saying what is expected, for anything else and for more than MAX_VM_VCPUS vCPUs.
-    """
-    from .discovery import VM, Smp
-
-    m = _WHAT_IF_RE.match(spec)
-    if m is None or not m.group(2).strip("0") or (m.group(3) is not None and not m.group(3).strip("0")):
-        raise ValueError(f"--what-if {_short(spec)}: {WHAT_IF_EXPECTED}")
-    name, vcpus, threads = m.group(1), m.group(2).lstrip("0"), (m.group(3) or "1").lstrip("0")
-    # Length before int(): 5,000 digits would be a bare ValueError, and ten million vCPUs a minute of work.
-    if len(vcpus) > len(str(MAX_VM_VCPUS)) or int(vcpus) > MAX_VM_VCPUS:
-        raise ValueError(f"--what-if {_short(spec)}: a VM has at most {MAX_VM_VCPUS} vCPUs (KVM's limit)")
-    n = int(vcpus)
-    if len(threads) > len(vcpus) or int(threads) > n:
-        raise ValueError(f"--what-if {_short(spec)}: more threads per core than the VM's {n} vCPUs")
-    t = int(threads)
-    if n % t:
-        raise ValueError(f"--what-if {_short(spec)}: {n} vCPUs are not whole cores of {t} threads")
-    # Negative pids and start times after every live VM: imagined VMs arrive last, in order.
-    return VM(pid=-(i + 1), starttime=2**62 + i, exe="", cmdline=(), uid=0, user=None, name=name, uuid=None,
-              smp=Smp(cpus=n, maxcpus=n, cores=n // t, threads=t), threads=(), debug_threads=True)
-
-
-def what_if_vms(specs: Sequence[str]) -> list[VM]:
-    """Every --what-if VM; ValueError for a bad one or for more than MAX_WHAT_IF of them."""
-    if len(specs) > MAX_WHAT_IF:
-        raise ValueError(f"{len(specs)} --what-if VMs: at most {MAX_WHAT_IF} at a time")
-    return [what_if_vm(i, spec) for i, spec in enumerate(specs)]
-
-
 def plan_json(vp: VMPlan, cfg: Config, isolated: CpuSet, cgroups: Cgroups | None = None,
               libvirt: OnDemand | None = None) -> dict[str, Any]:
     from .discovery import Role, Thread

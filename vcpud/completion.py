@@ -6,7 +6,7 @@ config's policies would select, each with a tab and ``policy NAME`` after it (zs
 A what-if VM has only a name and a vCPU count, so a name comes from the policy's ``match.name``
 glob (or the policy's own name when it does not match on names), with the bounds of its
 ``match.vcpus`` range; a candidate is offered only if the planner's own VM for it
-(cli.what_if_vm) is selected by that very policy, so policies matching on a UUID, command line or
+(whatif.what_if_vm) is selected by that very policy, so policies matching on a UUID, command line or
 user, and names an earlier policy takes, are left out. The config is read as `vcpud plan` reads
 it, but not checked against this host's CPUs. Completion must never disturb the shell: any
 problem (no config, a broken one, an unknown question) prints nothing and exits 0.
@@ -85,7 +85,7 @@ def _set_members(body: str) -> set[str]:
 
 def what_if_candidates(config: Config) -> Iterator[tuple[str, str]]:
     """(value for --what-if, the policy it selects), in policy order, without repeats."""
-    from .cli import what_if_vm
+    from .whatif import what_if_vm
 
     seen: set[str] = set()
     for policy in config.policies:
@@ -104,7 +104,7 @@ def what_if_candidates(config: Config) -> Iterator[tuple[str, str]]:
 
 def _counts(policy: Policy) -> tuple[int, ...]:
     """The vCPU counts to offer: the bounds of ``match.vcpus`` (none: any count is selected)."""
-    from .cli import MAX_VM_VCPUS
+    from .whatif import MAX_VM_VCPUS
 
     if policy.match.vcpus is None:
         return ()

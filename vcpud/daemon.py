@@ -139,6 +139,7 @@ class Daemon:
         if self.libvirt is not None:
             self.libvirt.close()
         self.sources.close()
+        self.notifier.close()
 
     def _on_stop(self, signum: int, frame: object) -> None:
         self.stop_requested = True

@@ -19,15 +19,21 @@ FIELDS = ("VM", "VM_PID", "TID", "ROLE", "CPUS", "POLICY")
 
 
 class Notifier:
-    """sd_notify(3) through systemd-python; does nothing outside a Type=notify service."""
+    """sd_notify(3); does nothing outside a Type=notify service.
+
+    Sent here rather than through libsystemd: its sd_notify() sends on a blocking socket, and a
+    service manager that stops reading (its queue is net.unix.max_dgram_qlen datagrams deep)
+    would stall the event loop. A message that does not fit is dropped and said once."""
 
     def __init__(self) -> None:
-        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
-        self._notify = None
-        if self.enabled:
-            from systemd import daemon  # systemd-python
-
-            self._notify = daemon.notify
+        addr = os.environ.get("NOTIFY_SOCKET", "")
+        # "@name" is the abstract namespace; a path is absolute. Anything else (vsock:...) is not for us.
+        self.address = "\0" + addr[1:] if addr.startswith("@") else addr if addr.startswith("/") else None
+        self.enabled = self.address is not None
+        if addr and not self.enabled:
+            log.warning("NOTIFY_SOCKET=%s: not a unix socket; no sd_notify", addr)
+        self._sock: socket.socket | None = None
+        self._dropping = False
         usec = os.environ.get("WATCHDOG_USEC", "")
         wpid = os.environ.get("WATCHDOG_PID", "")
         # WATCHDOG_PID names the process the watchdog is meant for (not us if we were forked).
@@ -36,11 +42,27 @@ class Notifier:
         )
 
     def send(self, *lines: str) -> None:
-        if self._notify is not None:
-            try:
-                self._notify("\n".join(lines))
-            except OSError as e:
-                log.warning("sd_notify failed: %s", e)
+        if self.address is None:
+            return
+        try:
+            if self._sock is None:
+                kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                self._sock = socket.socket(socket.AF_UNIX, kind)
+            self._sock.sendto("\n".join(lines).encode(), self.address)
+        except BlockingIOError:
+            if not self._dropping:
+                log.warning("sd_notify: the service manager's queue is full; dropping messages until it reads")
+            self._dropping = True
+            return
+        except OSError as e:
+            log.warning("sd_notify failed: %s", e)
+            return
+        self._dropping = False
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}")
@@ -113,8 +135,8 @@ def setup_logging(level: str, journal: bool | None = None) -> str:
 class NotifyListener:
     """The service manager's side of sd_notify(3): a datagram socket at ``path`` (give it to the
     daemon as NOTIFY_SOCKET) whose messages a thread collects, as systemd does, all the time:
-    the daemon sends STATUS= after every rescan, and once the socket's queue is full its next
-    sd_notify() blocks, and with it the daemon's loop."""
+    the daemon sends STATUS= after every rescan, and once the socket's queue is full what it
+    sends next is dropped (:class:`Notifier`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -38,3 +38,44 @@ def test_wait_for_gives_up(tmp_path):
         assert listener.status == ""
     finally:
         listener.close()
+
+
+def test_the_daemons_notifier_never_blocks_on_a_manager_that_stops_reading(tmp_path, monkeypatch, caplog):
+    """libsystemd's sd_notify() would block once the manager's queue is full; vcpud's drops the
+    message, says so once, and sends again once the manager reads."""
+    import logging
+    import time
+
+    from vcpud.sdnotify import Notifier
+
+    path = tmp_path / "notify.sock"
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(path))  # bound, never read (yet)
+    try:
+        for addr in (str(path), "@" + "x" * 8):
+            monkeypatch.setenv("NOTIFY_SOCKET", addr)
+            assert Notifier().enabled
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        n = Notifier()
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="vcpud.sdnotify"):
+            for i in range(500):  # far beyond net.unix.max_dgram_qlen
+                n.status(f"rescan {i}")
+        assert time.monotonic() - t0 < 5
+        assert [r.getMessage() for r in caplog.records].count(
+            "sd_notify: the service manager's queue is full; dropping messages until it reads") == 1
+        manager.settimeout(1)
+        got = []
+        while True:
+            try:
+                got.append(manager.recv(4096).decode())
+            except socket.timeout:
+                break
+        assert got and got[0] == "STATUS=rescan 0" and len(got) < 500
+        n.ready("3 VMs")  # the manager read: sent again
+        assert manager.recv(4096).decode() == "READY=1\nSTATUS=3 VMs"
+        n.close()
+    finally:
+        manager.close()
+    monkeypatch.setenv("NOTIFY_SOCKET", "vsock:2:1234")
+    assert not Notifier().enabled
