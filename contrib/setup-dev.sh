@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 need=(qemu-system-x86 qemu-utils libsystemd-dev pkg-config gcc python3-dev python3-venv util-linux systemd-container prometheus systemd
       libvirt-daemon-system libvirt-clients libvirt-dev
-      groff-base man-db zsh)
+      groff-base man-db zsh
+      # the packages and their tests: packaging/build-deb's build dependencies, lintian, rpmbuild; what the
+      # .deb depends on, so that apt installs it offline in the overlay container (tests/integration/test_deb.py)
+      dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-installer git
+      lintian rpm python3-pyudev python3-yaml python3-systemd python3-prometheus-client bash-completion)
 missing=()
 for p in "${need[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -12,6 +12,13 @@ How it works:
   its presets on the first boot) and vanish with the container. Anything else the test
   needs is bound in: the repository (read-only, same path), the Python prefix the venv's
   interpreter lives in (e.g. pyenv under /root/.pyenv, read-only, same path), /dev/kvm.
+* Or (:class:`Root`) the host's whole root, /usr, /etc and /var included, under an overlayfs
+  whose upper layer is a tmpfs, made in a private mount namespace (nspawn's own
+  ``--volatile=overlay`` refuses ``-D /``): everything is writable and thrown away with the
+  container. dpkg sees the host's package database, so ``apt-get install ./some.deb`` inside
+  resolves its dependencies from what the host has installed, without a network, and the host
+  never changes. The host's /etc brings its enabled units too: ``tmpfs=["/etc/systemd/system"]``
+  boots without them (a package's own enablement links land there).
 * ``--keep-unit --register=no``: the host has no systemd/machined to register with, so
   ``machinectl`` cannot reach the container and ``--property=`` (e.g. DeviceAllow=) has no
   effect. The host's device cgroup does not confine us, so a bound /dev/kvm just works.
@@ -36,6 +43,7 @@ host's through the NSpid lines of the host's /proc.
 from __future__ import annotations
 
 import ctypes
+import enum
 import json
 import os
 import shutil
@@ -48,6 +56,7 @@ from typing import Iterable, Sequence
 
 NSPAWN = shutil.which("systemd-nspawn")
 NSENTER = shutil.which("nsenter")
+UNSHARE = shutil.which("unshare")
 
 # Environment for commands run inside: nothing of the test's own environment leaks in.
 INSIDE_ENV = {
@@ -61,6 +70,27 @@ INSIDE_ENV = {
 
 # Host files a volatile container lacks and the tests need (see the module docstring).
 COPY_FROM_HOST = ("/etc/ld.so.cache",)
+
+
+class Root(enum.Enum):
+    """What the container's root file system is (see the module docstring)."""
+
+    VOLATILE = "volatile"  # nspawn --volatile=yes: a fresh tmpfs with the host's /usr read-only
+    OVERLAY = "overlay"  # the host's whole root under an overlayfs with a tmpfs upper layer
+
+
+# Run as `sh -c OVERLAY_SCRIPT sh DIR NSPAWN-ARGV...` in a private mount namespace (unshare):
+# the tmpfs and the overlay exist only there and vanish with it. nspawn refuses
+# `-D / --volatile=overlay` ("Spawning container on root directory is not supported"), so the
+# overlay is made here, the same way: the host's root file system (without what is mounted
+# below it: /proc, /sys... nspawn mounts its own) as the read-only lower layer.
+OVERLAY_SCRIPT = """set -e
+d=$1; shift
+mount -t tmpfs -o mode=0755 vcpud-test "$d"
+mkdir "$d/upper" "$d/work" "$d/root"
+mount -t overlay -o lowerdir=/,upperdir="$d/upper",workdir="$d/work" vcpud-test "$d/root"
+exec "$@"
+"""
 
 
 class ContainerError(RuntimeError):
@@ -115,6 +145,8 @@ class Container:
         bind: Iterable[str | Path] = (),
         capabilities: Sequence[str] = ("CAP_NET_ADMIN",),
         boot_timeout: float = 90.0,
+        root: Root = Root.VOLATILE,
+        tmpfs: Iterable[str] = (),
     ) -> None:
         self.workdir = Path(workdir)
         self.machine = f"vcpud-test-{uuid.uuid4().hex[:8]}"
@@ -122,6 +154,8 @@ class Container:
         self.bind = [str(p) for p in bind]
         self.capabilities = list(capabilities)
         self.boot_timeout = boot_timeout
+        self.root = root
+        self.tmpfs = list(tmpfs)
         self.log = self.workdir / f"{self.machine}.console.log"
         self.proc: subprocess.Popen | None = None
         self.init_pid: int | None = None
@@ -131,15 +165,28 @@ class Container:
     def argv(self) -> list[str]:
         if NSPAWN is None:
             raise ContainerError("systemd-nspawn not found (apt-get install systemd-container)")
+        if self.root is Root.OVERLAY:
+            if UNSHARE is None:
+                raise ContainerError("unshare not found (util-linux)")
+            overlay = self.workdir / "overlay"
+            overlay.mkdir(mode=0o700, exist_ok=True)
+            root = ["-D", str(overlay / "root")]
+        else:
+            root = ["-D", "/", "--volatile=yes"]
         argv = [
-            NSPAWN, "-D", "/", "--volatile=yes", "--keep-unit", "--register=no",
+            NSPAWN, *root, "--keep-unit", "--register=no",
             f"--machine={self.machine}", "--console=read-only",
         ]
         if self.capabilities:
             argv.append("--capability=" + ",".join(self.capabilities))
         argv += [f"--bind-ro={p}" for p in self.bind_ro]
         argv += [f"--bind={p}" for p in self.bind]
+        argv += [f"--tmpfs={p}" for p in self.tmpfs]
         argv += ["-b", "systemd.firstboot=off"]
+        if self.root is Root.OVERLAY:
+            assert UNSHARE is not None
+            return [UNSHARE, "--mount", "--propagation", "private", "sh", "-c", OVERLAY_SCRIPT, "sh",
+                    str(overlay), *argv]
         return argv
 
     def start(self) -> "Container":
@@ -264,6 +311,13 @@ class Container:
         """The host path of a path inside the container (through /proc/PID/root)."""
         assert self.init_pid is not None
         return Path(f"/proc/{self.init_pid}/root") / str(inside).lstrip("/")
+
+    def upper(self) -> Path:
+        """Root.OVERLAY: the host path of the overlay's upper layer, i.e. everything the container has
+        written since it started (deleted host files as whiteouts: character devices 0:0). Through
+        nspawn's /proc/PID/root, which resolves in the private mount namespace the overlay is in."""
+        assert self.root is Root.OVERLAY and self.proc is not None
+        return Path(f"/proc/{self.proc.pid}/root") / str(self.workdir / "overlay" / "upper").lstrip("/")
 
     def write_file(self, inside: str | Path, text: str, mode: int = 0o644) -> None:
         p = self.path(inside)

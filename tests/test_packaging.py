@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, skip_or_fail
+from tests.conftest import REPO, run_vcpud, skip_or_fail
 
 UNIT = REPO / "packaging" / "systemd" / "vcpud.service"
 VCPUD = Path(sys.executable).parent / "vcpud"
@@ -54,7 +54,9 @@ def _with_execstart(tmp_path: Path, exe: Path) -> Path:
 
 
 def _verify(analyze: str, unit: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=120)
+    # --man=no: Documentation=man:vcpud(8) is installed by the packages only; tests/integration/test_deb.py
+    # verifies the installed unit with its man pages.
+    return subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=120)
 
 
 def test_unit_verifies_clean(tmp_path):
@@ -148,3 +150,30 @@ def test_every_subpackage_is_packaged():
     on_disk = {str(p.parent.relative_to(root)).replace("/", ".") for p in (root / "vcpud").rglob("__init__.py")}
     assert on_disk >= {"vcpud", "vcpud.config", "vcpud.metrics"}
     assert found == on_disk
+
+
+# --- the packages (tests/integration/test_deb.py and tests/test_rpm.py build them) ------------------------------
+CONFFILE = REPO / "packaging" / "vcpud.yaml"
+
+
+def test_debian_changelog_has_the_code_version():
+    """packaging/build-deb refuses to build when they differ; this says so without building."""
+    from vcpud import __version__
+
+    first = (REPO / "packaging" / "debian" / "changelog").read_text().splitlines()[0]
+    m = re.fullmatch(r"vcpud \(([^)]+)\) \S+; urgency=\w+", first)
+    assert m, first
+    assert m.group(1) == __version__, f"debian/changelog {m.group(1)} != vcpud.__version__ {__version__}"
+
+
+def test_shipped_config_passes_check_on_this_host():
+    p = run_vcpud("check", "--config", str(CONFFILE))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "0 policies" in p.stdout, "the packaged config must move no VM on install"
+
+
+def test_shipped_config_passes_check_on_every_dump(dump):
+    name, root = dump
+    online = (root / "sys/devices/system/cpu/online").read_text().strip()
+    p = run_vcpud("check", "--config", str(CONFFILE), "--sysroot", str(root))
+    assert p.returncode == 0, f"{name} (online {online}): {p.stdout}{p.stderr}"

@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, skip_or_fail
-from tests.nspawn import NSENTER, NSPAWN, Container
+from tests.inside import (PIN_DEADLINE, PIN_FIELDS, diagnostics, require_container, start_guest, status, values,
+                          wait_affinity)
+from tests.nspawn import Container
 from tests.qemu import QEMU, kvm_usable
 
 UNIT = REPO / "packaging" / "systemd" / "vcpud.service"
@@ -33,7 +35,6 @@ VCPUD = Path(sys.executable).parent / "vcpud"
 RUN_VCPUD = f"{sys.executable} -m vcpud"
 CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19, "CAP_SYS_NICE": 23}
 CAP_MASK = sum(1 << b for b in CAPS.values())
-PF_KTHREAD, PF_USER_WORKER = 0x00200000, 0x00004000
 
 CONFIG = """\
 # written by tests/integration/test_systemd_service.py
@@ -60,20 +61,9 @@ def _python_paths() -> list[Path]:
     return out
 
 
-def _prerequisites() -> None:
-    if os.geteuid() != 0:
-        skip_or_fail("systemd-nspawn needs root")
-    if NSPAWN is None:
-        skip_or_fail("systemd-nspawn not installed (apt-get install systemd-container)")
-    if NSENTER is None:
-        skip_or_fail("nsenter not installed (util-linux)")
-    if not Path("/usr/lib/systemd/systemd").exists():
-        skip_or_fail("no /usr/lib/systemd/systemd to boot")
-
-
 @pytest.fixture
 def container(tmp_path):
-    _prerequisites()
+    require_container()
     c = Container(
         tmp_path / "nspawn",
         bind_ro=_python_paths(),
@@ -88,21 +78,12 @@ def container(tmp_path):
         assert c.proc is not None and c.proc.poll() is not None, "container still running after stop()"
 
 
-def _status(pid: int, tid: int | None = None) -> dict[str, str]:
-    p = f"/proc/{pid}" if tid is None else f"/proc/{pid}/task/{tid}"
-    out = {}
-    for line in Path(p, "status").read_text().splitlines():
-        k, _, v = line.partition(":")
-        out[k] = v.strip()
-    return out
-
-
 # --- the harness on its own -----------------------------------------------------------------
 def test_nspawn_harness_boots(container: Container):
     c = container
     assert c.run("systemctl", "is-system-running", check=False).stdout.strip() in ("running", "degraded")
     # nspawn's bounding set for the container has what vcpud.service asks for.
-    bnd = int(_status(c.init_pid)["CapBnd"], 16)
+    bnd = int(status(c.init_pid)["CapBnd"], 16)
     missing = [n for n, b in CAPS.items() if not bnd >> b & 1]
     assert not missing, f"container lacks {missing} in its bounding set"
     # A transient unit inside, seen from the host through the PID mapping.
@@ -147,48 +128,6 @@ def _dropin() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _guest_threads(pid: int) -> dict[int, tuple[str, str]]:
-    """The guest's user threads (kernel workers excluded), host pid `pid`.
-
-    TID as the container sees it (the journal's TID=) -> (comm, Cpus_allowed_list).
-    """
-    out = {}
-    for name in os.listdir(f"/proc/{pid}/task"):
-        tid = int(name)
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-            flags = int(stat[stat.rindex(")") + 2:].split()[6])
-            st = _status(pid, tid)
-        except (OSError, ValueError):
-            continue
-        if flags & (PF_KTHREAD | PF_USER_WORKER):
-            continue
-        out[int(st["NSpid"].split()[-1])] = (st["Name"], st["Cpus_allowed_list"])
-    return out
-
-
-# Functional deadlines only: whether the service pins at all, not how fast (a loaded shared host, a
-# slow container start). How fast it pins is measured in tests/benchmarks/bench_daemon.py.
-PIN_DEADLINE = 15.0
-
-
-def _wait_affinity(pid: int, want: str, timeout: float) -> dict[int, tuple[str, str]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        threads = _guest_threads(pid)
-        if threads and all(cpus == want for _, cpus in threads.values()):
-            return threads
-        if time.monotonic() > deadline:
-            return threads
-        time.sleep(0.02)
-
-
-def _diagnostics(c: Container) -> str:
-    st = c.run("systemctl", "status", "--no-pager", "-l", "-n", "0", "vcpud.service", check=False)
-    log = c.run("journalctl", "--no-pager", "-o", "short-monotonic", "-n", "60", "-u", "vcpud.service", check=False)
-    return f"{st.stdout}{st.stderr}\n{log.stdout}{log.stderr}"
-
-
 @pytest.mark.qemu
 def test_vcpud_service_in_nspawn(container: Container):
     c = container
@@ -209,12 +148,12 @@ def test_vcpud_service_in_nspawn(container: Container):
 
     # Type=notify: start returns once READY=1 arrived (or fails).
     r = c.systemctl("start", "vcpud.service", check=False, timeout=90)
-    assert r.returncode == 0, f"start failed: {r.stderr}\n{_diagnostics(c)}"
-    assert c.systemctl("is-active", "vcpud.service", check=False).stdout.strip() == "active", _diagnostics(c)
+    assert r.returncode == 0, f"start failed: {r.stderr}\n{diagnostics(c)}"
+    assert c.systemctl("is-active", "vcpud.service", check=False).stdout.strip() == "active", diagnostics(c)
     svc = c.show("vcpud.service", "MainPID", "StatusText", "NRestarts")
     assert svc["StatusText"], f"no STATUS= line: {svc}"
     daemon = c.host_pid(int(svc["MainPID"]))
-    st = _status(daemon)
+    st = status(daemon)
     # DynamicUser=yes; exactly the three capabilities, effective through the ambient set.
     assert st["Uid"].split()[0] != "0", st["Uid"]
     for k in ("CapEff", "CapAmb", "CapBnd"):
@@ -223,47 +162,27 @@ def test_vcpud_service_in_nspawn(container: Container):
     assert st["Seccomp"] == "2"
 
     # A guest inside the container: vcpud must find it and pin every thread to CPU 0.
-    accel = ["-enable-kvm"] if c.run("test", "-c", "/dev/kvm", check=False).returncode == 0 \
-        else ["-accel", "tcg,thread=multi"]
-    c.run("systemd-run", "--unit=guest-web1", "--collect", "--", QEMU,
-          "-name", "guest=web1,debug-threads=on", "-smp", "2", *accel, "-S", "-display", "none",
-          "-nodefaults", "-no-user-config", "-m", "64", "-serial", "none", "-monitor", "none")
-    deadline = time.monotonic() + 30
-    while True:
-        inner = int(c.show("guest-web1.service", "MainPID")["MainPID"])
-        if inner:
-            guest = c.host_pid(inner)
-            names = {n for n, _ in _guest_threads(guest).values()}
-            if all({f"CPU {i}/KVM", f"CPU {i}/TCG"} & names for i in range(2)):
-                break
-        if time.monotonic() >= deadline:
-            journal = c.run("journalctl", "-u", "guest-web1", "--no-pager", check=False).stdout
-            raise AssertionError(f"guest vCPU threads did not appear\n{journal}")
-        time.sleep(0.05)
+    inner, guest = start_guest(c, "web1")
 
-    threads = _wait_affinity(guest, "0", timeout=PIN_DEADLINE)
+    threads = wait_affinity(guest, "0", timeout=PIN_DEADLINE)
     assert all(cpus == "0" for _, cpus in threads.values()), \
-        f"not pinned to 0 within {PIN_DEADLINE:.0f} s: {threads}\n{_diagnostics(c)}"
+        f"not pinned to 0 within {PIN_DEADLINE:.0f} s: {threads}\n{diagnostics(c)}"
 
     # Reload with a new config: the threads move, the service stays up.
     c.write_file("/etc/vcpud/vcpud.yaml", CONFIG.format(cpus="1"))
     r = c.systemctl("reload", "vcpud.service", check=False)
-    assert r.returncode == 0, f"reload failed: {r.stderr}\n{_diagnostics(c)}"
-    threads = _wait_affinity(guest, "1", timeout=PIN_DEADLINE)
+    assert r.returncode == 0, f"reload failed: {r.stderr}\n{diagnostics(c)}"
+    threads = wait_affinity(guest, "1", timeout=PIN_DEADLINE)
     assert all(cpus == "1" for _, cpus in threads.values()), \
-        f"not moved to 1 after reload: {threads}\n{_diagnostics(c)}"
+        f"not moved to 1 after reload: {threads}\n{diagnostics(c)}"
     svc2 = c.show("vcpud.service", "ActiveState", "SubState", "MainPID", "NRestarts")
-    assert (svc2["ActiveState"], svc2["SubState"]) == ("active", "running"), f"{svc2}\n{_diagnostics(c)}"
+    assert (svc2["ActiveState"], svc2["SubState"]) == ("active", "running"), f"{svc2}\n{diagnostics(c)}"
     assert svc2["MainPID"] == svc["MainPID"] and svc2["NRestarts"] == "0", f"restarted instead of reloaded: {svc2}"
 
     # Every pinned thread is in a structured journal entry, before and after the reload (TID and
     # VM_PID as vcpud sees them: inside the container). A pass that pins several threads of a VM
     # to the same CPUs says it in one entry, with a TID= field per thread (journalctl's JSON: a list).
     tids = {str(t) for t in threads}
-
-    def values(e: dict, field: str) -> set[str]:
-        v = e.get(field)
-        return set(v) if isinstance(v, list) else {v} if v is not None else set()
 
     deadline = time.monotonic() + 10
     while True:
@@ -278,7 +197,7 @@ def test_vcpud_service_in_nspawn(container: Container):
         str(e.get("MESSAGE")) for e in c.journal("vcpud.service")[-40:])
     for e in entries:
         if e.get("POLICY") == "web" and e.get("CPUS") in ("0", "1"):
-            for f in ("VM_PID", "TID", "ROLE", "CPUS", "POLICY"):
+            for f in PIN_FIELDS:
                 assert e.get(f), f"journal entry without {f}: {e.get('MESSAGE')!r}"
             assert e["VM_PID"] == str(inner), e
     for cpus in ("0", "1"):
