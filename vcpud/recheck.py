@@ -51,15 +51,15 @@ def recheck(procfs: Procfs, vm: VM, wanted: dict[int, Assignment], careful: bool
         return Recheck(vm=fresh, drifted=tuple((wanted[t.tid], t.affinity) for t in fresh.threads
                                                if t.tid in wanted and t.affinity != wanted[t.tid].cpus),
                        listed=True)
-    if any(t.role is Role.UNKNOWN for t in vm.threads):
-        return None
     tids = procfs.task_ids(vm.pid) if list_tasks else None
     new: list[Thread] = []
     drifted: list[tuple[Assignment, CpuSet]] = []
     moved: dict[int, Thread] = {}  # unpinned threads whose affinity changed
     gone: list[int] = []
-    affinity = procfs.affinity_getter(vm.pid)
-    for t in vm.threads:
+    affinity, want, unknown = procfs.affinity_getter(vm.pid), wanted.get, Role.UNKNOWN
+    for t in vm.threads:  # every rescan, every thread: kept lean
+        if t.role is unknown:
+            return None
         tid = t.tid
         if tids is not None and tid not in tids:
             gone.append(tid)
@@ -71,7 +71,7 @@ def recheck(procfs: Procfs, vm: VM, wanted: dict[int, Assignment], careful: bool
         except (ProcessLookupError, Vanished):
             gone.append(tid)
             continue
-        a = wanted.get(tid)
+        a = want(tid)
         if a is not None:
             if now != a.cpus.cpus:
                 drifted.append((a, CpuSet.of_kernel(now)))
