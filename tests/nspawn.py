@@ -42,6 +42,7 @@ host's through the NSpid lines of the host's /proc.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import json
@@ -52,7 +53,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 NSPAWN = shutil.which("systemd-nspawn")
 NSENTER = shutil.which("nsenter")
@@ -373,3 +374,14 @@ class Container:
             if (st.st_dev, st.st_ino) == (ns.st_dev, ns.st_ino):
                 return int(name)
         raise ContainerError(f"no process {pid} in container {self.machine}")
+
+
+@contextlib.contextmanager
+def booted(c: Container) -> Iterator[Container]:
+    """``c`` started, and stopped (and checked gone) however the block ends."""
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+        assert c.proc is not None and c.proc.poll() is not None, "container still running after stop()"

@@ -22,7 +22,7 @@ from packaging.requirements import Requirement
 
 from tests.conftest import REPO, skip_or_fail
 from tests.inside import PIN_FIELDS, diagnostics, pinned_tids, require_container, start_guest, values, wait_affinity
-from tests.nspawn import Container, Root
+from tests.nspawn import Container, Root, booted
 from tests.qemu import QEMU, kvm_usable
 from vcpud import __version__
 
@@ -192,14 +192,9 @@ def _state(c: Container) -> tuple[str, str, str, str]:
 @pytest.fixture
 def container(tmp_path):
     require_container()
-    c = Container(tmp_path / "nspawn", root=Root.OVERLAY, tmpfs=["/etc/systemd/system"],
-                  bind=["/dev/kvm"] if kvm_usable() else [], capabilities=("CAP_NET_ADMIN",))
-    c.start()
-    try:
+    with booted(Container(tmp_path / "nspawn", root=Root.OVERLAY, tmpfs=["/etc/systemd/system"],
+                          bind=["/dev/kvm"] if kvm_usable() else [], capabilities=("CAP_NET_ADMIN",))) as c:
         yield c
-    finally:
-        c.stop()
-        assert c.proc is not None and c.proc.poll() is not None, "container still running after stop()"
 
 
 @pytest.mark.qemu

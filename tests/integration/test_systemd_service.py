@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import REPO, skip_or_fail
 from tests.inside import (PIN_DEADLINE, PIN_FIELDS, diagnostics, require_container, start_guest, status, values,
                           wait_affinity)
-from tests.nspawn import Container
+from tests.nspawn import Container, booted
 from tests.qemu import QEMU, kvm_usable
 
 UNIT = REPO / "packaging" / "systemd" / "vcpud.service"
@@ -64,18 +64,9 @@ def _python_paths() -> list[Path]:
 @pytest.fixture
 def container(tmp_path):
     require_container()
-    c = Container(
-        tmp_path / "nspawn",
-        bind_ro=_python_paths(),
-        bind=["/dev/kvm"] if kvm_usable() else [],
-        capabilities=("CAP_NET_ADMIN",),
-    )
-    c.start()
-    try:
+    with booted(Container(tmp_path / "nspawn", bind_ro=_python_paths(), bind=["/dev/kvm"] if kvm_usable() else [],
+                          capabilities=("CAP_NET_ADMIN",))) as c:
         yield c
-    finally:
-        c.stop()
-        assert c.proc is not None and c.proc.poll() is not None, "container still running after stop()"
 
 
 # --- the harness on its own -----------------------------------------------------------------
