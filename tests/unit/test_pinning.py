@@ -1,6 +1,7 @@
 import errno
 import os
 import threading
+import time
 
 import pytest
 
@@ -103,6 +104,11 @@ def live_threads():
     t = threading.Thread(target=lambda: exited.append(threading.get_native_id()))
     t.start()
     t.join()
+    # join() returns when Python is done with the thread; the kernel's task may live a moment longer.
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/self/task/{exited[0]}"):
+        assert time.monotonic() < deadline, "an exited thread's task did not go away"
+        time.sleep(0.001)
     try:
         yield tids, exited[0]
     finally:
