@@ -55,7 +55,7 @@ class VcpuClock:
         self._ns: dict[int, tuple[int, int]] = {}  # tid -> (cpu, runtime ns) at the last look
         self._last = -float("inf")
         self.version = 0  # how many samples were taken
-        self._lock = threading.Lock()  # a scrape and a pre-render may ask at once
+        self._lock = threading.Lock()  # two scrapes may ask at once
 
     def sample(self, pinned: Iterable[tuple[int, int, int]]) -> Mapping[int, float]:
         """CPU -> seconds so far; ``pinned``: (pid, tid, cpu) of every vCPU pinned to one CPU."""

@@ -347,8 +347,6 @@ class Daemon:
         self.next_publish = self.clock() + PUBLISH_INTERVAL
         self.snapshot = snapshot(rec)
         rec.changed = False
-        if self.metrics_server is not None:
-            self.metrics_server.published()
         line = self.status_line()
         if line != self._status_sent:
             self.notifier.status(line)

@@ -501,24 +501,24 @@ def test_setup_script_installs_promtool():
         skip_or_fail("promtool not installed: run contrib/setup-dev.sh")
 
 
-def test_published_snapshot_is_rendered_before_the_next_scrape():
+def test_each_snapshot_is_rendered_once_at_the_scrape_that_finds_it():
     box = {"snap": Snapshot(version="a")}
     server = MetricsServer(lambda: box["snap"])
     server.start("127.0.0.1:0")
     try:
         host, port = server.address
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
-            assert r.read() == exposition(box["snap"])  # someone scrapes: snapshots are rendered ahead
+            assert r.read() == exposition(box["snap"])
+        first = server._cache
+        assert first is not None and first[0] is box["snap"]
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
+            assert r.read() == exposition(box["snap"])
+        assert server._cache is first  # the same snapshot: the same bytes, not rendered again
         new = Snapshot(version="b", online=CpuSet.parse("0-3"))
-        box["snap"] = new
-        server.published()
-        deadline = time.monotonic() + 2
-        while (server._cache is None or server._cache[0] is not new) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert server._cache is not None and server._cache[0] is new, "not pre-rendered"
-        assert server._cache[2] == exposition(new)
+        box["snap"] = new  # what the daemon's publish does: one reference swap
+        assert server._cache is first  # nothing rendered until someone asks
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
             assert r.read() == exposition(new)
+        assert server._cache is not None and server._cache[0] is new
     finally:
         server.stop()
-    server.published()  # after stop: a no-op, not an error

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from .family import CpuInfoFamily, Family
 from .model import model
-from .server import PRERENDER_INTERVAL, ListenError, MetricsServer, Source, parse_listen
+from .server import ListenError, MetricsServer, Source, parse_listen
 from .textformat import CONTENT_TYPE, exposition, text
 
-__all__ = ["CONTENT_TYPE", "PRERENDER_INTERVAL", "CpuInfoFamily", "Family", "ListenError", "MetricsServer", "Source",
+__all__ = ["CONTENT_TYPE", "CpuInfoFamily", "Family", "ListenError", "MetricsServer", "Source",
            "exposition", "model", "parse_listen", "text"]

@@ -1,11 +1,11 @@
-"""The HTTP server of ``/metrics``: a daemon thread that renders each published snapshot once
-(ahead of the next scrape when it can) and serves the bytes; plus the ``HOST:PORT`` parser.
+"""The HTTP server of ``/metrics``: a daemon thread that renders each snapshot once, at the first
+scrape that finds it, and serves the bytes; plus the ``HOST:PORT`` parser.
 
 The event loop publishes an immutable snapshot after each reconcile (one reference swap). A scrape
 reads that snapshot, never takes a lock the loop holds, and every family of one scrape comes from the
 *same* snapshot object; the only /proc it reads is the vCPU time of the vCPUs the snapshot lists as
 pinned to one CPU (activity.VcpuClock, at most once a second), so that an idle daemon nobody scrapes
-reads nothing. Snapshots are rendered ahead only while someone scrapes. No process or GC collectors: the
+reads nothing, and renders nothing. No process or GC collectors: the
 service manager and node_exporter report the process; a scrape reports only the snapshot.
 """
 
@@ -17,7 +17,6 @@ import selectors
 import socket
 import socketserver
 import threading
-import time
 from dataclasses import replace
 from typing import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -76,20 +75,12 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
         log.debug("metrics: error serving %s", client_address, exc_info=True)
 
 
-# Snapshots change after every event; a render waits until they have not for this long.
-PRERENDER_INTERVAL = 0.1
-# Render published snapshots ahead of the next scrape only while scrapes come (Prometheus's
-# default interval is 1 minute; nobody scraping for 5: render on demand).
-PRERENDER_WHILE_SCRAPED = 300.0
-
-
 class MetricsServer:
     """Serves ``/metrics`` for ``source()`` from a daemon thread; ``start()`` then ``stop()``."""
 
     def __init__(self, source: Source, vcpu_clock: VcpuClock | None = None) -> None:
         self.source = source
         self.vcpu_clock = vcpu_clock
-        self._last_scrape = -float("inf")
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
         self._wake_r: socket.socket | None = None
@@ -97,8 +88,6 @@ class MetricsServer:
         self._stop = threading.Event()
         self._cache: tuple[object, int, bytes] | None = None  # (snapshot, vCPU time sample, body)
         self._render_lock = threading.Lock()
-        self._pub_r: socket.socket | None = None
-        self._pub_w: socket.socket | None = None
         self.address: tuple[str, int] | None = None
 
     def start(self, listen: str) -> tuple[str, int]:
@@ -118,9 +107,6 @@ class MetricsServer:
         httpd.set_app(self._app)
         self._httpd = httpd
         self._wake_r, self._wake_w = socket.socketpair()
-        self._pub_r, self._pub_w = socket.socketpair()
-        for sock in (self._pub_r, self._pub_w):
-            sock.setblocking(False)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="vcpud-metrics", daemon=True)
         self._thread.start()
@@ -141,60 +127,25 @@ class MetricsServer:
             pass
         self._thread.join(timeout=2)
         httpd.server_close()
-        for sock in (self._wake_r, self._wake_w, self._pub_r, self._pub_w):
+        for sock in (self._wake_r, self._wake_w):
             if sock is not None:
                 sock.close()
-        self._wake_r = self._wake_w = self._pub_r = self._pub_w = None
+        self._wake_r = self._wake_w = None
         self._thread = None
 
-    def published(self) -> None:
-        """The source has a new snapshot: render it ahead of the next scrape (never blocks). Not
-        with vCPU time read at scrape time: a body rendered ahead would be stale by then, so the
-        serving thread is not even woken."""
-        w = self._pub_w
-        if w is not None and self.vcpu_clock is None:
-            try:
-                w.send(b"p")
-            except OSError:
-                pass  # full (a render is due anyway) or stopped
-
     def _serve(self) -> None:
-        """Accept loop: sleeps until a client connects, a snapshot is published, or stop().
-
-        A published snapshot is rendered here once snapshots stopped coming for PRERENDER_INTERVAL
-        seconds, so that a scrape finds the bytes ready instead of rendering while Prometheus waits.
-        Not sooner: while events come (a VM starting, a burst of new threads) a render holding the
-        GIL would make every syscall of the loop wait up to the switch interval to get it back.
-        """
-        httpd, wake, pub, stop = self._httpd, self._wake_r, self._pub_r, self._stop
-        assert httpd is not None and wake is not None and pub is not None
-        due: float | None = None
+        """Accept loop: sleeps until a client connects or stop()."""
+        httpd, wake, stop = self._httpd, self._wake_r, self._stop
+        assert httpd is not None and wake is not None
         with selectors.DefaultSelector() as sel:
             sel.register(httpd.socket, selectors.EVENT_READ)
             sel.register(wake, selectors.EVENT_READ)
-            sel.register(pub, selectors.EVENT_READ)
             while not stop.is_set():
-                timeout = None if due is None else max(0.0, due - time.monotonic())
-                for key, _ in sel.select(timeout):
+                for key, _ in sel.select():
                     if stop.is_set():
                         return
                     if key.fileobj is httpd.socket:
                         httpd.handle_request()
-                    elif key.fileobj is pub:
-                        try:
-                            while pub.recv(4096):
-                                pass
-                        except BlockingIOError:
-                            pass
-                        due = time.monotonic() + PRERENDER_INTERVAL
-                if due is not None and time.monotonic() >= due:
-                    due = None
-                    if time.monotonic() - self._last_scrape > PRERENDER_WHILE_SCRAPED:
-                        continue  # nobody asks: render when someone does
-                    try:
-                        self.scrape()
-                    except Exception:  # the scrape itself will report it
-                        log.exception("metrics: cannot render")
 
     def scrape(self) -> bytes:
         """The body of one scrape: the text format of ``source()``'s snapshot, rendered once per snapshot
@@ -204,7 +155,7 @@ class MetricsServer:
         reuse the bytes rendered for the current one (Prometheus HA pairs, a dashboard and ``curl``
         then cost nothing). The cache is one tuple swapped whole.
         """
-        with self._render_lock:  # a scrape during a pre-render waits for it rather than repeat it
+        with self._render_lock:  # two scrapes at once (a Prometheus HA pair): one renders, one reuses
             snap = self.source()
             clock = self.vcpu_clock
             source, sample = snap, 0
@@ -229,7 +180,6 @@ class MetricsServer:
         if path != "/metrics":
             start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
             return [b"not found; metrics are at /metrics\n"]
-        self._last_scrape = time.monotonic()
         try:
             body = self.scrape()
         except Exception as e:  # a bug here must not take the thread down; the scrape fails (up == 0)
