@@ -12,7 +12,7 @@ from .pinning import AffinityOps, Outcome, PinResult, Router, confinement, pin_o
 from .cpuset import CpuSet
 from .discovery import Thread
 from .placement import Assignment, assign
-from .vmstate import Bulk, VMState, journal_fields, say_once, since
+from .vmstate import Bulk, VMState, journal_fields, pinned_text, say_once, since
 
 if TYPE_CHECKING:
     from .config import Config
@@ -68,8 +68,8 @@ class Pinner:
                 self.stats.latency_hist.observe(since(event_ns))
             if not quiet:  # else the caller says it, with the VM's other threads
                 after = f" ({since(event_ns) * 1e6:.0f} us after the event)" if event_ns else ""
-                log.info("pinned VM %s tid %d (%s) to %s by %s%s%s", vm.display_name, a.tid, a.label, a.cpus, a.rule,
-                         after, f" via {r.via}" if r.via and r.via != "sched_setaffinity" else "",
+                via = f" via {r.via}" if r.via and r.via != "sched_setaffinity" else ""
+                log.info("pinned VM %s %s%s%s", vm.display_name, pinned_text(a), after, via,
                          extra=journal_fields(vm, policy, a))
         elif r.outcome is Outcome.UNCHANGED and event_ns:
             # An event about a thread already where it belongs (it inherited the CPUs): no pin, no latency.

@@ -117,6 +117,11 @@ def same_rules(a: "Policy | None", b: "Policy | None") -> bool:
     return a is b or replace(a, pos=b.pos) == b
 
 
+def pinned_text(a: Assignment) -> str:
+    """How a pin is said in the log, on its own line or among a VM's others."""
+    return f"tid {a.tid} ({a.label}) to {a.cpus} by {a.rule}"
+
+
 class Bulk:
     """The pins of one pass over one VM, said in one line (and one for the threads put back)
     rather than a line per thread: a pass over 2,000 threads must not cost 4,000 log records."""
@@ -148,11 +153,9 @@ class Bulk:
         groups: dict[CpuSet, list[PinResult]] = {}
         for r in self._pinned if log.isEnabledFor(logging.INFO) else ():  # `vcpud apply` says it itself
             groups.setdefault(r.assignment.cpus, []).append(r)
-        for cpus, rs in groups.items():
+        for rs in groups.values():
             via = {r.via for r in rs} - {"sched_setaffinity", ""}
-            log.info("pinned VM %s %s%s", vm.display_name,
-                     "; ".join(f"tid {r.assignment.tid} ({r.assignment.label}) to {cpus} by {r.assignment.rule}"
-                               for r in rs),
+            log.info("pinned VM %s %s%s", vm.display_name, "; ".join(pinned_text(r.assignment) for r in rs),
                      f" via {', '.join(sorted(via))}" if via else "",
                      extra=journal_fields(vm, policy, *(r.assignment for r in rs)))
         if len(self._back) == 1:
