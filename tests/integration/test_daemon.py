@@ -336,7 +336,10 @@ def test_busy_vcpu_time_is_counted_on_its_cpu(tmp_path, daemon_factory, guests):
     while _metric(url, "vcpud_cpu_exclusive_vcpus", 'cpu="1"') < 1:  # published: the scrape samples it
         assert time.monotonic() < deadline, "the pinned vCPU never showed in /metrics"
         time.sleep(0.05)
-    # vCPU time is read at scrape time (at most once a second): this scrape is the baseline.
+    # vCPU time is read at scrape time, at most once a second (VcpuClock.min_interval), and a
+    # vCPU counts from the first sample that lists it: the scrapes above may have sampled a
+    # snapshot published before the pin. Past the interval, this scrape samples it: the baseline.
+    time.sleep(1.1)
     counted0 = _metric(url, "vcpud_cpu_vcpu_seconds_total", 'cpu="1"')
     t0 = time.monotonic()
     ticks0 = sum(int(x) for x in Path(f"/proc/{g.pid}/task/{vcpu}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
